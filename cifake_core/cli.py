@@ -1,0 +1,138 @@
+"""The `cifake` command: the same stages as the MLproject entry points, with the same flag names.
+
+Every configuration field is a flag of the same name (`--epochs 8`), applied over `--config FILE.yaml`,
+applied over the defaults. Mistakes a user can make end with one line naming the problem and the fix
+(exit status 2); Ctrl-C and SIGTERM end the run KILLED (exit status 130).
+
+Usage:
+    cifake train --config experiments/default.yaml --epochs 8
+    cifake data prepare --data_dir /data/cifake --output_dir outputs/data
+    cifake data download /data/cifake
+    cifake evaluate --model_uri models:/cifake-detector@production --data_dir /data/cifake
+    cifake promote --version 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cifake_core.config import FIELD_TYPES, FIELDS, RunConfig, load_config
+from cifake_core.errors import CifakeError
+
+DEFAULT_MODEL_URI = "models:/cifake-detector@production"
+_EVALUATE_FIELDS = ("data_dir", "max_test_per_class", "seed", "num_workers", "experiment_name")
+_PROMOTE_FIELDS = ("registered_model_name", "experiment_name")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, names: Sequence[str] = tuple(FIELDS)) -> None:
+    parser.add_argument("--config", default="", help="experiment YAML file (e.g. experiments/default.yaml)")
+    defaults = RunConfig().flat()
+    for name in names:
+        _, item = FIELDS[name]
+        parser.add_argument(
+            f"--{name}",
+            default=None,
+            metavar=FIELD_TYPES[name].__name__.upper(),
+            help=f"{item.metadata['help']} (default: {defaults[name]!r})",
+        )
+
+
+def _config_from(arguments: argparse.Namespace) -> RunConfig:
+    overrides = {name: getattr(arguments, name) for name in FIELDS if getattr(arguments, name, None) is not None}
+    return load_config(arguments.config or None, overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cifake", description="Train, track and ship a detector of AI images.")
+    stages = parser.add_subparsers(dest="stage", required=True)
+
+    _add_config_flags(stages.add_parser("train", help="train, export, log, register and promote (MLproject main)"))
+
+    data = stages.add_parser("data", help="download or prepare a dataset").add_subparsers(dest="action", required=True)
+    download = data.add_parser("download", help="fetch CIFAKE from Kaggle with kagglehub")
+    download.add_argument("destination", type=Path, help="folder to put CIFAKE in")
+    prepare = data.add_parser("prepare", help="write manifest.csv and dataset_summary.json (MLproject prepare_data)")
+    _add_config_flags(
+        prepare, [*(n for n, (section, _) in FIELDS.items() if section == "data"), "num_workers", "experiment_name"]
+    )
+    prepare.add_argument("--output_dir", type=Path, default=Path("outputs/data"), help="where to write the files")
+
+    evaluate = stages.add_parser("evaluate", help="score a registered version or run on a dataset's test split")
+    evaluate.add_argument(
+        "--model_uri", default=DEFAULT_MODEL_URI, help="models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID/model"
+    )
+    _add_config_flags(evaluate, _EVALUATE_FIELDS)
+
+    promote = stages.add_parser("promote", help="point the `production` alias at a version (promote or roll back)")
+    promote.add_argument("--version", required=True, help="registered version number to make production")
+    _add_config_flags(promote, _PROMOTE_FIELDS)
+    return parser
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _run(arguments: argparse.Namespace) -> None:
+    config = None if arguments.stage == "data" and arguments.action == "download" else _config_from(arguments)
+    # Imported after the config is checked, so a mistyped flag is answered without loading torch and MLflow.
+    from cifake_core import pipeline
+
+    if arguments.stage == "train":
+        result = pipeline.train(config)
+        print(
+            json.dumps(
+                {
+                    "run_id": result.run_id,
+                    "version": result.version,
+                    "promoted": result.promoted,
+                    "reason": result.promotion_reason,
+                    **result.metrics,
+                },
+                indent=2,
+            )
+        )
+    elif arguments.stage == "data" and arguments.action == "download":
+        from cifake_core.data import download_cifake
+
+        print(f"CIFAKE is ready in {download_cifake(arguments.destination)}")
+    elif arguments.stage == "data":
+        prepared = pipeline.prepare_data(config, arguments.output_dir)
+        summary = {
+            key: prepared.summary[key] for key in ("dataset", "fingerprint", "counts", "duplicates", "skipped_count")
+        }
+        print(json.dumps(summary, indent=2))
+        print(f"wrote {arguments.output_dir / 'manifest.csv'} and {arguments.output_dir / 'dataset_summary.json'}")
+    elif arguments.stage == "evaluate":
+        print(json.dumps(pipeline.evaluate_model(arguments.model_uri, config), indent=2))
+    elif arguments.stage == "promote":
+        previous = pipeline.promote(
+            config.publish.registered_model_name, arguments.version, config.publish.experiment_name
+        )
+        print(f"{config.publish.registered_model_name}@production: v{previous or '-'} -> v{arguments.version}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s")
+    logging.getLogger("cifake_core").setLevel(logging.INFO)
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        _run(arguments)
+    except (CifakeError, FileExistsError) as error:
+        print(f"cifake {arguments.stage}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cifake {arguments.stage}: interrupted; the MLflow run was ended as KILLED", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

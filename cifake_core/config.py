@@ -1,0 +1,192 @@
+"""Typed, validated configuration for every cifake stage.
+
+One frozen dataclass per concern (data, model, training, publishing), built in three layers: the defaults
+here, then a flat YAML file from `experiments/`, then command-line flags. Every field name is also the CLI
+flag and the MLproject parameter, so the three can never disagree. Values are validated once, here; code
+further down takes the typed fields it needs and never re-checks them.
+
+Usage:
+    config = load_config("experiments/default.yaml", {"epochs": "3"})
+    config.train.epochs  # -> 3
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cifake_core.errors import ConfigError
+
+THRESHOLD_NAMES = ("0.5", "f1", "youden", "fpr_1pct")
+PROMOTE_CHOICES = ("auto", "always", "never")
+PRETRAINED_CHOICES = ("auto", "true", "false")
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data_dir: str = field(default="", metadata=_help("dataset root in the CIFAKE layout; empty = demo data"))
+    val_fraction: float = field(default=0.1, metadata=_help("share of train held out for validation"))
+    max_train_per_class: int = field(default=0, metadata=_help("cap on train+val images per class; 0 = all"))
+    max_test_per_class: int = field(default=0, metadata=_help("cap on test images per class; 0 = all"))
+    seed: int = field(default=42, metadata=_help("seed for splits, initialisation and batch order"))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    image_size: int = field(default=32, metadata=_help("square input side in pixels (CIFAKE is 32)"))
+    pretrained: str = field(default="auto", metadata=_help("ImageNet weights from the hub: auto|true|false"))
+    pretrained_weights: str = field(default="", metadata=_help("local weights file; overrides the hub"))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = field(default=8, metadata=_help("training epochs"))
+    batch_size: int = field(default=128, metadata=_help("images per optimisation step"))
+    lr: float = field(default=2e-3, metadata=_help("peak learning rate of the one-cycle schedule"))
+    weight_decay: float = field(default=0.05, metadata=_help("AdamW weight decay"))
+    device: str = field(default="auto", metadata=_help("auto|cpu|cuda|cuda:N|mps"))
+    num_workers: int = field(default=2, metadata=_help("processes that decode images; 0 = in-process"))
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    experiment_name: str = field(default="cifake", metadata=_help("MLflow experiment"))
+    registered_model_name: str = field(default="cifake-detector", metadata=_help("MLflow registered model"))
+    promote: str = field(default="auto", metadata=_help("alias `production` for the new version: auto|always|never"))
+    default_threshold: str = field(
+        default="f1", metadata=_help("threshold the model applies unless a request names one: 0.5|f1|youden|fpr_1pct")
+    )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    publish: PublishConfig = PublishConfig()
+
+    def flat(self) -> dict[str, Any]:
+        """All fields as one flat mapping, as logged to MLflow and written to `config.yaml`."""
+        return {name: getattr(getattr(self, section), name) for name, (section, _) in FIELDS.items()}
+
+
+def _collect_fields() -> tuple[dict[str, tuple[str, dataclasses.Field]], dict[str, type]]:
+    fields: dict[str, tuple[str, dataclasses.Field]] = {}
+    types: dict[str, type] = {}
+    for section in dataclasses.fields(RunConfig):
+        section_type = type(section.default)
+        hints = typing.get_type_hints(section_type)
+        for item in dataclasses.fields(section_type):
+            if item.name in fields:
+                raise RuntimeError(f"config field {item.name!r} is defined in two sections")
+            fields[item.name] = (section.name, item)
+            types[item.name] = hints[item.name]
+    return fields, types
+
+
+FIELDS, FIELD_TYPES = _collect_fields()
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn a YAML or CLI value into the field's type, or say exactly what is wrong with it."""
+    expected = FIELD_TYPES[name]
+    if expected is str:
+        if isinstance(value, bool):  # YAML reads `pretrained: true` as a boolean
+            return str(value).lower()
+        if isinstance(value, (int, float)):
+            return str(value)
+        if isinstance(value, str):
+            return value.strip()
+    elif expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+            return int(value)
+    elif expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    raise ConfigError(f"{name} must be {'an integer' if expected is int else 'a ' + expected.__name__}, got {value!r}")
+
+
+def _check(values: dict[str, Any]) -> None:
+    rules: list[tuple[str, bool, str]] = [
+        ("val_fraction", 0.0 < values["val_fraction"] < 1.0, "a fraction strictly between 0 and 1, e.g. 0.1"),
+        ("max_train_per_class", values["max_train_per_class"] >= 0, "0 (no cap) or a positive count"),
+        ("max_test_per_class", values["max_test_per_class"] >= 0, "0 (no cap) or a positive count"),
+        ("seed", values["seed"] >= 0, "a non-negative integer"),
+        ("image_size", 32 <= values["image_size"] <= 512, "between 32 and 512 pixels"),
+        ("pretrained", values["pretrained"] in PRETRAINED_CHOICES, "one of " + "|".join(PRETRAINED_CHOICES)),
+        ("epochs", values["epochs"] >= 1, "at least 1"),
+        ("batch_size", values["batch_size"] >= 1, "at least 1"),
+        ("lr", 0.0 < values["lr"] < 1.0, "a positive learning rate below 1, e.g. 0.002"),
+        ("weight_decay", 0.0 <= values["weight_decay"] < 1.0, "between 0 and 1"),
+        ("device", bool(_DEVICE_PATTERN.match(values["device"])), "auto, cpu, cuda, cuda:N or mps"),
+        ("num_workers", values["num_workers"] >= 0, "0 or a positive number of processes"),
+        ("experiment_name", bool(values["experiment_name"]), "a non-empty MLflow experiment name"),
+        ("registered_model_name", bool(values["registered_model_name"]), "a non-empty registered model name"),
+        ("promote", values["promote"] in PROMOTE_CHOICES, "one of " + "|".join(PROMOTE_CHOICES)),
+        ("default_threshold", values["default_threshold"] in THRESHOLD_NAMES, "one of " + "|".join(THRESHOLD_NAMES)),
+    ]
+    problems = [f"{name} must be {expected}, got {values[name]!r}" for name, ok, expected in rules if not ok]
+    weights = values["pretrained_weights"]
+    if weights and not Path(weights).expanduser().is_file():
+        problems.append(f"pretrained_weights must be an existing weights file, got {weights!r}")
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def _unknown_key_error(key: str, origin: str) -> ConfigError:
+    close = difflib.get_close_matches(key, FIELDS, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown configuration key {key!r} in {origin}.{hint} Valid keys: {', '.join(FIELDS)}")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A flat `key: value` experiment file, as a mapping; keys are checked by `load_config`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"config file {str(path)!r} does not exist; pass a YAML file such as experiments/default.yaml"
+        )
+    try:
+        content = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from error
+    if not isinstance(content, dict):
+        raise ConfigError(f"config file {str(path)!r} must be a flat mapping of `key: value` lines")
+    return content
+
+
+def load_config(yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults, then the YAML file, then `overrides` (CLI flags); unknown keys and bad values raise ConfigError."""
+    values = RunConfig().flat()
+    layers = [(read_yaml(yaml_path) if yaml_path else {}, str(yaml_path)), (overrides or {}, "the command line")]
+    for layer, origin in layers:
+        for key, value in layer.items():
+            if key not in FIELDS:
+                raise _unknown_key_error(key, origin)
+            if value is not None:
+                values[key] = _coerce(key, value)
+    _check(values)
+    sections: dict[str, dict[str, Any]] = {}
+    for name, (section, _) in FIELDS.items():
+        sections.setdefault(section, {})[name] = values[name]
+    section_types = {item.name: type(item.default) for item in dataclasses.fields(RunConfig)}
+    return RunConfig(**{name: section_types[name](**kwargs) for name, kwargs in sections.items()})

@@ -1,0 +1,299 @@
+"""Datasets in the CIFAKE layout: verify, download, split into a manifest, and decode into arrays.
+
+A dataset root holds `train/FAKE`, `train/REAL`, `test/FAKE` and `test/REAL` (class `ai` = FAKE, `real` =
+REAL), possibly one folder down as the Kaggle zip unpacks. Splits are never copied: a manifest lists
+(path, label, split, sha256) and `dataset_summary.json` says how it was built. Exact duplicates are found
+by content hash: inside a split one copy is kept, and a train image whose bytes also occur in test is
+dropped from train, so the test split stays the published one and holds nothing the model trained on.
+Unreadable images are skipped and listed, never fatal.
+
+Usage:
+    prepared = prepare_splits(find_dataset_root("/data/cifake"), val_fraction=0.1, max_train_per_class=0,
+                              max_test_per_class=0, seed=42, num_workers=2)
+    images, labels = load_split_arrays(prepared, "train", image_size=32, num_workers=2)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import tempfile
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cifake_core import CLASS_NAMES, FOLDER_FOR_CLASS
+from cifake_core.errors import DatasetError, ImageError
+from cifake_core.network import host_reachable
+from cifake_core.preprocessing import load_rgb, preprocess_image
+
+SOURCE_SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+KAGGLE_HANDLE = "birdy654/cifake-real-and-ai-generated-synthetic-images"
+KAGGLE_PAGE = "https://www.kaggle.com/datasets/" + KAGGLE_HANDLE
+MANIFEST_FILE = "manifest.csv"
+SUMMARY_FILE = "dataset_summary.json"
+_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    root: Path
+    manifest: pd.DataFrame  # columns: path (relative to root), label, split, sha256
+    summary: dict[str, Any]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.summary["fingerprint"]
+
+
+def _expected_folders(root: Path) -> list[Path]:
+    return [root / split / FOLDER_FOR_CLASS[label] for split in SOURCE_SPLITS for label in reversed(CLASS_NAMES)]
+
+
+def _has_images(folder: Path) -> bool:
+    return any(path.suffix.lower() in IMAGE_EXTENSIONS for path in folder.rglob("*") if path.is_file())
+
+
+def find_dataset_root(path: str | Path) -> Path:
+    """The folder holding train/ and test/ (the given one, or one level down); raise DatasetError otherwise."""
+    given = Path(path).expanduser()
+    if not given.is_dir():
+        raise DatasetError(
+            f"dataset folder {str(given)!r} does not exist. Pass the folder that holds train/ and test/ "
+            f"(get CIFAKE with `cifake data download {given}` or unzip a manual download there)."
+        )
+    candidates = [given] + sorted(child for child in given.iterdir() if child.is_dir())
+    root = next((c for c in candidates if (c / "train").is_dir() and (c / "test").is_dir()), given)
+    for folder in _expected_folders(root):
+        if not folder.is_dir():
+            expected = ", ".join(str(f) for f in _expected_folders(root))
+            raise DatasetError(
+                f"missing folder {str(folder)!r}: a dataset in the CIFAKE layout needs {expected} "
+                "(FAKE = AI-generated images, REAL = photographs)."
+            )
+        if not _has_images(folder):
+            raise DatasetError(
+                f"folder {str(folder)!r} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}): "
+                "put the images of that class there."
+            )
+    return root
+
+
+def _inspect_file(path: Path) -> tuple[str, str]:
+    """(sha256, problem) of one file; problem is empty when the image decodes."""
+    content = path.read_bytes()
+    digest = hashlib.sha256(content).hexdigest()
+    try:
+        load_rgb(content)
+    except ImageError as error:
+        return digest, str(error)
+    return digest, ""
+
+
+def _parallel_map(function: Callable, items: Sequence, num_workers: int) -> Iterable:
+    if num_workers <= 1 or len(items) < 4 * _CHUNK:
+        return map(function, items)
+    # Spawned, not forked: the parent may already run torch's thread pools, which do not survive a fork.
+    context = multiprocessing.get_context("spawn")
+    executor = ProcessPoolExecutor(max_workers=num_workers, mp_context=context)
+    with executor:
+        return list(executor.map(function, items, chunksize=_CHUNK))
+
+
+def _scan(root: Path, num_workers: int) -> tuple[list[dict[str, str]], list[dict[str, str]], dict]:
+    """Every readable image file under the four folders, the skipped files with reasons, and raw counts."""
+    candidates: list[tuple[str, str, Path]] = []
+    skipped: list[dict[str, str]] = []
+    for source in SOURCE_SPLITS:
+        for label in CLASS_NAMES:
+            folder = root / source / FOLDER_FOR_CLASS[label]
+            for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+                relative = path.relative_to(root).as_posix()
+                if path.suffix.lower() in IMAGE_EXTENSIONS:
+                    candidates.append((source, label, path))
+                else:
+                    skipped.append({"path": relative, "reason": "not an image file extension"})
+    inspections = _parallel_map(_inspect_file, [path for _, _, path in candidates], num_workers)
+    records: list[dict[str, str]] = []
+    found: dict[str, dict[str, int]] = {source: dict.fromkeys(CLASS_NAMES, 0) for source in SOURCE_SPLITS}
+    for (source, label, path), (digest, problem) in zip(candidates, inspections, strict=True):
+        relative = path.relative_to(root).as_posix()
+        if problem:
+            skipped.append({"path": relative, "reason": problem})
+            continue
+        found[source][label] += 1
+        records.append({"path": relative, "label": label, "split": source, "sha256": digest})
+    return records, skipped, found
+
+
+def _deduplicate(records: list[dict[str, str]]) -> tuple[list[dict[str, str]], dict[str, int]]:
+    """One copy per content hash inside each split; copies in train of test images dropped from train."""
+    kept: list[dict[str, str]] = []
+    counts = {"within_train": 0, "within_test": 0, "conflicting_labels": 0, "train_copies_of_test_dropped": 0}
+    for source in SOURCE_SPLITS:
+        by_hash: dict[str, list[dict[str, str]]] = defaultdict(list)
+        for record in records:
+            if record["split"] == source:
+                by_hash[record["sha256"]].append(record)
+        for copies in by_hash.values():
+            if len({copy["label"] for copy in copies}) > 1:
+                # The same bytes filed as both FAKE and REAL cannot teach anything: drop every copy.
+                counts["conflicting_labels"] += len(copies)
+                continue
+            counts[f"within_{source}"] += len(copies) - 1
+            kept.append(copies[0])
+    test_hashes = {record["sha256"] for record in kept if record["split"] == "test"}
+    leaked = [r for r in kept if r["split"] == "train" and r["sha256"] in test_hashes]
+    counts["train_copies_of_test_dropped"] = len(leaked)
+    leaked_ids = {id(record) for record in leaked}
+    return [r for r in kept if id(r) not in leaked_ids], counts
+
+
+def _cap(records: list[dict[str, str]], cap: int, rng: np.random.Generator) -> list[dict[str, str]]:
+    if cap <= 0 or len(records) <= cap:
+        return records
+    chosen = np.sort(rng.permutation(len(records))[:cap])
+    return [records[i] for i in chosen]
+
+
+def _assign_splits(
+    records: list[dict[str, str]], val_fraction: float, max_train_per_class: int, max_test_per_class: int, seed: int
+) -> list[dict[str, str]]:
+    assigned: list[dict[str, str]] = []
+    for source_index, source in enumerate(SOURCE_SPLITS):
+        for label_index, label in enumerate(CLASS_NAMES):
+            # One generator per (split, class), so changing one cap never reshuffles another group.
+            rng = np.random.default_rng([seed, source_index, label_index])
+            group = sorted(
+                (r for r in records if r["split"] == source and r["label"] == label), key=lambda r: r["path"]
+            )
+            group = _cap(group, max_train_per_class if source == "train" else max_test_per_class, rng)
+            if source == "test":
+                assigned.extend(group)
+                continue
+            n_val = int(round(len(group) * val_fraction))
+            if len(group) < 2 or n_val < 1:
+                raise DatasetError(
+                    f"too few {label} images in train ({len(group)}) to hold out a validation share of "
+                    f"{val_fraction}: add images or raise val_fraction"
+                )
+            val_positions = set(rng.permutation(len(group))[:n_val].tolist())
+            for position, record in enumerate(group):
+                assigned.append({**record, "split": "val" if position in val_positions else "train"})
+    return assigned
+
+
+def fingerprint_manifest(manifest: pd.DataFrame) -> str:
+    """A content fingerprint of the splits: changes with any image's bytes, label or split, not its path."""
+    lines = sorted(f"{row.split},{row.label},{row.sha256}" for row in manifest.itertuples(index=False))
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
+def prepare_splits(
+    root: Path,
+    val_fraction: float,
+    max_train_per_class: int,
+    max_test_per_class: int,
+    seed: int,
+    num_workers: int,
+    dataset_name: str | None = None,
+) -> PreparedData:
+    """Scan, deduplicate, cap and split a verified dataset root; the same inputs and seed give the same result."""
+    records, skipped, found = _scan(root, num_workers)
+    unique, duplicates = _deduplicate(records)
+    assigned = _assign_splits(unique, val_fraction, max_train_per_class, max_test_per_class, seed)
+    manifest = pd.DataFrame(assigned, columns=["path", "label", "split", "sha256"])
+    manifest = manifest.sort_values(["split", "label", "path"], kind="stable").reset_index(drop=True)
+    counts = {
+        split: {label: int(((manifest.split == split) & (manifest.label == label)).sum()) for label in CLASS_NAMES}
+        for split in SPLITS
+    }
+    for split in SPLITS:
+        for label in CLASS_NAMES:
+            if counts[split][label] == 0:
+                raise DatasetError(f"the {split} split has no {label} images after deduplication and caps")
+    summary = {
+        "dataset": dataset_name or root.name,
+        "root": str(root),
+        "fingerprint": fingerprint_manifest(manifest),
+        "counts": counts,
+        "images_found": found,
+        "duplicates": duplicates,
+        "skipped_count": len(skipped),
+        "skipped": skipped,
+        "val_fraction": val_fraction,
+        "max_train_per_class": max_train_per_class,
+        "max_test_per_class": max_test_per_class,
+        "seed": seed,
+    }
+    return PreparedData(root=root, manifest=manifest, summary=summary)
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder, so a crash never leaves half a file."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_split_files(prepared: PreparedData, output_dir: Path) -> tuple[Path, Path]:
+    """`manifest.csv` and `dataset_summary.json` in output_dir, each written atomically."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path, summary_path = output_dir / MANIFEST_FILE, output_dir / SUMMARY_FILE
+    _write_atomically(manifest_path, lambda target: prepared.manifest.to_csv(target, index=False))
+    _write_atomically(summary_path, lambda target: target.write_text(json.dumps(prepared.summary, indent=2) + "\n"))
+    return manifest_path, summary_path
+
+
+def _decode(task: tuple[str, int]) -> np.ndarray:
+    path, image_size = task
+    return preprocess_image(path, image_size)
+
+
+def load_split_arrays(
+    prepared: PreparedData, split: str, image_size: int, num_workers: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode one split once into uint8 images (N, 3, S, S) and int64 labels (1 = ai), in manifest order."""
+    rows = prepared.manifest[prepared.manifest.split == split]
+    tasks = [(str(prepared.root / path), image_size) for path in rows.path]
+    images = np.empty((len(tasks), 3, image_size, image_size), dtype=np.uint8)
+    for index, array in enumerate(_parallel_map(_decode, tasks, num_workers)):
+        images[index] = array
+    labels = (rows.label.to_numpy() == CLASS_NAMES[1]).astype(np.int64)
+    return images, labels
+
+
+def download_cifake(destination: Path) -> Path:
+    """Fetch CIFAKE from Kaggle with kagglehub into `destination`; fail within seconds offline or without keys."""
+    manual = (
+        f"Download it by hand from {KAGGLE_PAGE} and unzip it into {destination} so that "
+        f"{destination / 'train' / 'FAKE'} exists, then pass data_dir={destination}."
+    )
+    if not host_reachable("www.kaggle.com"):
+        raise DatasetError(f"cannot reach www.kaggle.com (offline?). {manual}")
+    import kagglehub
+    from kagglehub.config import get_kaggle_credentials
+
+    if get_kaggle_credentials() is None:
+        raise DatasetError(
+            "no Kaggle credentials: set KAGGLE_USERNAME and KAGGLE_KEY, or KAGGLE_API_TOKEN, or put kaggle.json "
+            f"in ~/.kaggle (see https://www.kaggle.com/settings, 'Create New Token'). {manual}"
+        )
+    destination.mkdir(parents=True, exist_ok=True)
+    downloaded = Path(kagglehub.dataset_download(KAGGLE_HANDLE, output_dir=str(destination)))
+    return find_dataset_root(downloaded)

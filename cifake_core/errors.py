@@ -1,0 +1,33 @@
+"""Errors a user can fix. Each message names the problem and the fix; the CLI prints it as one line.
+
+Usage:
+    raise DatasetError(f"missing folder {path!r}: ...")
+"""
+
+
+class CifakeError(Exception):
+    """A mistake in something the user gave: a folder, a file, an image, a parameter or a model reference."""
+
+
+class ConfigError(CifakeError, ValueError):
+    """A configuration key or value that cannot be used."""
+
+
+class DatasetError(CifakeError, ValueError):
+    """A dataset folder or download that cannot be used."""
+
+
+class ImageError(CifakeError, ValueError):
+    """An input that is not a usable image."""
+
+
+class DeviceError(CifakeError, ValueError):
+    """A requested device that this machine does not have."""
+
+
+class PretrainedWeightsError(CifakeError, RuntimeError):
+    """Pretrained weights were required but could not be loaded."""
+
+
+class RegistryError(CifakeError, LookupError):
+    """A registered model, version or alias that does not exist."""

@@ -1,0 +1,125 @@
+"""The detector network: timm's MobileNetV3-Large behind a normalisation layer, and its checkpoints.
+
+The network takes the uint8 images that `preprocessing` produces and normalises them itself, so the exported
+ONNX graph holds the normalisation too. ImageNet weights come from the Hugging Face hub (`pretrained`:
+auto tries and falls back to random initialisation within seconds offline, true insists, false skips) or
+from a local file (`pretrained_weights`). Checkpoints are self-describing: weights, config, epoch, metric.
+
+Usage:
+    model, weights_source = create_model(pretrained="auto", pretrained_weights="")
+    logits = model(torch.zeros(4, 3, 32, 32, dtype=torch.uint8))  # (4, 2)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from cifake_core import CLASS_NAMES
+from cifake_core.errors import PretrainedWeightsError
+from cifake_core.network import host_reachable
+
+ARCHITECTURE = "mobilenetv3_large_100"
+_HUB_HOST = "huggingface.co"
+log = logging.getLogger(__name__)
+
+
+class ImageClassifier(torch.nn.Module):
+    """uint8 (or 0-255 float) NCHW images in, class logits out; normalisation is part of the graph."""
+
+    def __init__(self, backbone: torch.nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.backbone = backbone
+        self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(std).view(1, 3, 1, 1)))
+        self.register_buffer("shift", -torch.tensor(mean).view(1, 3, 1, 1) / torch.tensor(std).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images.float() * self.scale + self.shift)
+
+
+@contextlib.contextmanager
+def _hub_cache_only(enabled: bool):
+    """Let huggingface_hub use its local cache only, instead of retrying an unreachable host for a minute.
+
+    The hub reads HF_HUB_OFFLINE once at import, so its constant is switched rather than the variable.
+    """
+    from huggingface_hub import constants
+
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = previous or enabled
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
+def _hub_backbone() -> torch.nn.Module:
+    with _hub_cache_only(not host_reachable(_HUB_HOST)):
+        return timm.create_model(ARCHITECTURE, pretrained=True, num_classes=len(CLASS_NAMES))
+
+
+def _backbone(pretrained: str, pretrained_weights: str) -> tuple[torch.nn.Module, str]:
+    """The timm network and a description of where its starting weights came from."""
+    if pretrained_weights:
+        path = Path(pretrained_weights).expanduser()
+        try:
+            overlay = {"file": str(path), "num_classes": 1000}
+            model = timm.create_model(
+                ARCHITECTURE, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=len(CLASS_NAMES)
+            )
+        except Exception as error:
+            raise PretrainedWeightsError(
+                f"could not load pretrained_weights {str(path)!r} into {ARCHITECTURE}: {error}. "
+                f"Pass a timm {ARCHITECTURE} ImageNet checkpoint (.pth or .safetensors)."
+            ) from error
+        return model, f"file:{path.name}"
+    if pretrained == "false":
+        return timm.create_model(ARCHITECTURE, pretrained=False, num_classes=len(CLASS_NAMES)), "random"
+    try:
+        return _hub_backbone(), f"hub:timm/{ARCHITECTURE}"
+    except Exception as error:
+        reason = f"ImageNet weights for {ARCHITECTURE} are not in the local cache and {_HUB_HOST} is unreachable"
+        if pretrained == "true":
+            raise PretrainedWeightsError(
+                f"{reason} ({type(error).__name__}). Go online once, or pass pretrained_weights=PATH to a "
+                "downloaded file, or train from scratch with pretrained=false."
+            ) from error
+        log.warning("%s: starting from random weights (pretrained=auto).", reason)
+        return timm.create_model(ARCHITECTURE, pretrained=False, num_classes=len(CLASS_NAMES)), "random"
+
+
+def create_model(pretrained: str, pretrained_weights: str) -> tuple[ImageClassifier, str]:
+    """The detector, and where its starting weights came from (`random`, `hub:...`, `file:...`)."""
+    backbone, weights_source = _backbone(pretrained, pretrained_weights)
+    return ImageClassifier(backbone, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), weights_source
+
+
+def save_checkpoint(path: Path, model: ImageClassifier, config: dict[str, Any], epoch: int, metrics: dict) -> None:
+    """Everything needed to rebuild and judge the model: weights, flat config, epoch and metrics."""
+    temporary = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "architecture": ARCHITECTURE,
+            "state_dict": model.state_dict(),
+            "config": config,
+            "epoch": epoch,
+            "metrics": metrics,
+        },
+        temporary,
+    )
+    temporary.replace(path)
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[ImageClassifier, dict[str, Any]]:
+    """A model rebuilt from a checkpoint written by `save_checkpoint`, and the checkpoint's metadata."""
+    checkpoint = torch.load(path, map_location=device, weights_only=True)
+    backbone = timm.create_model(checkpoint["architecture"], pretrained=False, num_classes=len(CLASS_NAMES))
+    model = ImageClassifier(backbone, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.to(device).eval(), {key: value for key, value in checkpoint.items() if key != "state_dict"}

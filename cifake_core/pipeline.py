@@ -1,0 +1,330 @@
+"""The cifake stages, each one tracked MLflow run: prepare data, train, evaluate, promote.
+
+`train` reads top to bottom: splits -> arrays -> model -> epochs (best val AUC kept as a self-describing
+checkpoint) -> test figures and thresholds -> ONNX export -> pyfunc model -> registered version -> promotion.
+A failure at any point ends the run FAILED (KILLED on Ctrl-C) and deletes a version it had registered.
+
+Usage:
+    result = train(load_config("experiments/default.yaml", {"epochs": "1"}))
+    result.version, result.promoted
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from PIL import Image
+
+from cifake_core import tracking
+from cifake_core.config import DataConfig, RunConfig
+from cifake_core.data import PreparedData, find_dataset_root, load_split_arrays, prepare_splits, write_split_files
+from cifake_core.demo import DEMO_VERSION, ensure_demo_dataset
+from cifake_core.engine import evaluate, predict_logits, prob_ai, resolve_device, to_device_tensors, train_one_epoch
+from cifake_core.metrics import binary_metrics, confusion, curves, threshold_report
+from cifake_core.models import create_model, load_checkpoint, save_checkpoint
+from cifake_core.onnx_export import export_onnx
+from cifake_core.pyfunc_model import INPUT_COLUMN
+from cifake_core.reports import save_figures, write_json
+
+ONNX_CHECK_IMAGES = 32
+EVAL_BATCH_SIZE = 512
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    run_id: str
+    version: str
+    promoted: bool
+    promotion_reason: str
+    metrics: dict[str, float]
+
+
+def resolve_dataset(data_dir: str) -> tuple[Path, str]:
+    """The dataset root and its display name; an empty data_dir means the embedded demo data."""
+    if not data_dir:
+        return ensure_demo_dataset(), f"{DEMO_VERSION} (synthetic demo data, not CIFAKE)"
+    root = find_dataset_root(data_dir)
+    return root, root.name
+
+
+def prepare(data: DataConfig, num_workers: int, root: Path, name: str) -> PreparedData:
+    log.info("scanning %s (%s)", root, name)
+    return prepare_splits(
+        root,
+        data.val_fraction,
+        data.max_train_per_class,
+        data.max_test_per_class,
+        data.seed,
+        num_workers,
+        dataset_name=name,
+    )
+
+
+def _log_prepared(prepared: PreparedData, folder: Path) -> None:
+    for path in write_split_files(prepared, folder):
+        tracking.log_artifact(path, "data")
+    tracking.log_dataset(
+        prepared.manifest, str(prepared.root), prepared.summary["dataset"], prepared.fingerprint, context="training"
+    )
+    tracking.set_tags(
+        {"cifake.dataset": prepared.summary["dataset"], "cifake.dataset_fingerprint": prepared.fingerprint}
+    )
+
+
+def prepare_data(config: RunConfig, output_dir: Path) -> PreparedData:
+    """The `prepare_data` stage: splits written to output_dir and logged to a run."""
+    root, name = resolve_dataset(config.data.data_dir)
+    with tracking.tracked_run(config.publish.experiment_name, "prepare_data", {"cifake.stage": "prepare_data"}):
+        tracking.log_params(
+            {name: value for name, value in config.flat().items() if name in DataConfig.__annotations__}
+        )
+        prepared = prepare(config.data, config.train.num_workers, root, name)
+        _log_prepared(prepared, output_dir)
+    return prepared
+
+
+def promotion_decision(mode: str, val_auc: float, fingerprint: str, production: dict | None) -> tuple[bool, str]:
+    """Whether a new version takes the `production` alias, and why; pure, so the rule is testable alone."""
+    if mode == "never":
+        return False, "promote=never"
+    if mode == "always":
+        return True, "promote=always"
+    if production is None:
+        return True, "no production model yet"
+    current = production["version"]
+    production_fingerprint = production["tags"].get("dataset_fingerprint")
+    if production_fingerprint != fingerprint:
+        return False, (
+            f"production v{current} was validated on dataset {production_fingerprint}, this run on {fingerprint}: "
+            f"their val AUCs are not comparable (promote by hand with `cifake promote --version N`)"
+        )
+    production_auc = float(production["tags"].get("val_auc", "nan"))
+    if val_auc > production_auc:
+        return True, f"val AUC {val_auc:.4f} beats production v{current} ({production_auc:.4f}) on the same dataset"
+    return False, f"val AUC {val_auc:.4f} does not beat production v{current} ({production_auc:.4f})"
+
+
+def _png_base64(image: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(image.transpose(1, 2, 0)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _train_epochs(
+    config: RunConfig,
+    model: torch.nn.Module,
+    splits: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    checkpoint: Path,
+) -> dict[str, float]:
+    """The epoch loop; keeps the best epoch by val AUC in `checkpoint` and returns its metrics."""
+    train = config.train
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    steps_per_epoch = -(-len(splits["train"][0]) // train.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=train.lr, epochs=train.epochs, steps_per_epoch=steps_per_epoch
+    )
+    generator = torch.Generator().manual_seed(config.data.seed)
+    best: dict[str, float] = {"val_auc": -1.0}
+    for epoch in range(1, train.epochs + 1):
+        metrics = train_one_epoch(
+            model,
+            *splits["train"],
+            optimizer,
+            scheduler,
+            train.batch_size,
+            device,
+            generator,
+            description=f"epoch {epoch}/{train.epochs}",
+        )
+        metrics |= evaluate(model, *splits["val"], EVAL_BATCH_SIZE, device, prefix="val")
+        tracking.log_metrics(metrics, step=epoch)
+        log.info(
+            "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_auc %.4f  val_f1 %.4f  %.0f img/s",
+            epoch,
+            train.epochs,
+            metrics["train_loss"],
+            metrics["val_loss"],
+            metrics["val_auc"],
+            metrics["val_f1"],
+            metrics["images_per_second"],
+        )
+        if metrics["val_auc"] > best["val_auc"]:
+            best = {**metrics, "epoch": float(epoch)}
+            save_checkpoint(checkpoint, model, config.flat(), epoch, metrics)
+    return best
+
+
+def _scores(model: torch.nn.Module, split: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> tuple:
+    images, labels = split
+    return labels.cpu().numpy(), prob_ai(predict_logits(model, images, EVAL_BATCH_SIZE, device)).numpy()
+
+
+def _register_and_promote(config: RunConfig, model_uri: str, tags: dict[str, Any]) -> tuple[str, bool, str]:
+    """Register a version and apply the promotion rule; a failure deletes the version it made."""
+    name = config.publish.registered_model_name
+    production = tracking.alias_version(name)
+    version = tracking.register_model(model_uri, name, tags)
+    try:
+        promote, reason = promotion_decision(
+            config.publish.promote, tags["val_auc"], tags["dataset_fingerprint"], production
+        )
+        if promote:
+            tracking.set_alias(name, version)
+        tracking.set_tags(
+            {"cifake.registered_version": version, "cifake.promoted": promote, "cifake.promotion_reason": reason}
+        )
+    except BaseException:
+        tracking.delete_model_version(name, version)
+        raise
+    return version, promote, reason
+
+
+def train(config: RunConfig) -> TrainingResult:
+    """The `main` stage: train, evaluate, export, log, register and maybe promote; one MLflow run."""
+    device = resolve_device(config.train.device)
+    root, name = resolve_dataset(config.data.data_dir)
+    torch.manual_seed(config.data.seed)
+    with (
+        tracking.tracked_run(config.publish.experiment_name, "train", {"cifake.stage": "train"}) as run_id,
+        tempfile.TemporaryDirectory(prefix="cifake-") as work_dir,
+    ):
+        work = Path(work_dir)
+        tracking.log_params(config.flat())
+        (work / "config.yaml").write_text(yaml.safe_dump(config.flat(), sort_keys=False))
+        tracking.log_artifact(work / "config.yaml")
+
+        prepared = prepare(config.data, config.train.num_workers, root, name)
+        _log_prepared(prepared, work)
+        started = time.perf_counter()
+        arrays = {
+            split: load_split_arrays(prepared, split, config.model.image_size, config.train.num_workers)
+            for split in ("train", "val", "test")
+        }
+        tracking.log_metrics({"decode_seconds": time.perf_counter() - started})
+        splits = {split: to_device_tensors(*pair, device) for split, pair in arrays.items()}
+
+        model, weights_source = create_model(config.model.pretrained, config.model.pretrained_weights)
+        tracking.set_tags({"cifake.weights_source": weights_source, "cifake.device": str(device)})
+        checkpoint = work / "best.pt"
+        best = _train_epochs(config, model.to(device), splits, device, checkpoint)
+        model, _ = load_checkpoint(checkpoint, device)
+        tracking.log_metrics({"best_epoch": best["epoch"], "best_val_auc": best["val_auc"]})
+
+        val_labels, val_scores = _scores(model, splits["val"], device)
+        test_labels, test_scores = _scores(model, splits["test"], device)
+        thresholds = threshold_report(
+            val_labels, val_scores, test_labels, test_scores, config.publish.default_threshold
+        )
+        threshold = thresholds["thresholds"][config.publish.default_threshold]["value"]
+        counts = confusion(test_labels, test_scores, threshold)
+        test_metrics = binary_metrics(test_labels, test_scores, threshold, prefix="test")
+        tracking.log_metrics(test_metrics)
+        metrics_report = {
+            **test_metrics,
+            "threshold_name": config.publish.default_threshold,
+            "threshold": threshold,
+            "confusion_matrix": counts,
+            "test_images": len(test_labels),
+            "best_epoch": int(best["epoch"]),
+            "best_val_auc": best["val_auc"],
+            "dataset_fingerprint": prepared.fingerprint,
+        }
+        curve_data = curves(test_labels, test_scores)
+        report_files = [
+            write_json(work / "metrics.json", metrics_report),
+            write_json(work / "thresholds.json", thresholds),
+            write_json(work / "curves.json", curve_data),
+            *save_figures(curve_data, counts, work),
+        ]
+        for path in report_files:
+            tracking.log_artifact(path, "reports")
+
+        onnx_path = work / "model.onnx"
+        check_batch = arrays["test"][0][:ONNX_CHECK_IMAGES]
+        tracking.log_metrics(export_onnx(model.cpu(), config.model.image_size, onnx_path, check_batch))
+        tracking.log_artifact(onnx_path, "onnx")
+        tracking.log_artifact(checkpoint, "checkpoint")
+        example = pd.DataFrame({INPUT_COLUMN: [_png_base64(image) for image in check_batch[:2]]})
+        model_uri = tracking.log_pyfunc_model(onnx_path, work / "thresholds.json", example)
+
+        tags = {
+            "val_auc": best["val_auc"],
+            "test_auc": test_metrics["test_auc"],
+            "dataset_fingerprint": prepared.fingerprint,
+            "dataset": prepared.summary["dataset"],
+            "image_size": config.model.image_size,
+            "weights_source": weights_source,
+            "run_id": run_id,
+        }
+        version, promoted, reason = _register_and_promote(config, model_uri, tags)
+        log.info(
+            "registered %s v%s; %s: %s",
+            config.publish.registered_model_name,
+            version,
+            "promoted to production" if promoted else "not promoted",
+            reason,
+        )
+    return TrainingResult(run_id, version, promoted, reason, {**test_metrics, "best_val_auc": best["val_auc"]})
+
+
+def evaluate_model(model_uri: str, config: RunConfig) -> dict[str, float]:
+    """The `evaluate` stage: a registered version or run's model scored on a dataset folder's test split."""
+    stage_tags = {"cifake.stage": "evaluate", "cifake.model_uri": model_uri}
+    root, name = resolve_dataset(config.data.data_dir)
+    with (
+        tracking.tracked_run(config.publish.experiment_name, "evaluate", stage_tags),
+        tempfile.TemporaryDirectory(prefix="cifake-") as work_dir,
+    ):
+        work = Path(work_dir)
+        scorer = tracking.load_pyfunc(model_uri).unwrap_python_model()
+        prepared = prepare(config.data, config.train.num_workers, root, name)
+        _log_prepared(prepared, work)
+        images, labels = load_split_arrays(prepared, "test", scorer.image_size, config.train.num_workers)
+        scores = scorer.score_arrays(images)
+        threshold = scorer.resolve_threshold("default")
+        metrics = binary_metrics(labels, scores, threshold, prefix="test")
+        tracking.log_metrics(metrics)
+        counts = confusion(labels, scores, threshold)
+        curve_data = curves(labels, scores)
+        report = {
+            **metrics,
+            "model_uri": model_uri,
+            "threshold_name": scorer.default_threshold,
+            "threshold": threshold,
+            "confusion_matrix": counts,
+            "test_images": len(labels),
+            "dataset_fingerprint": prepared.fingerprint,
+        }
+        for path in [
+            write_json(work / "metrics.json", report),
+            write_json(work / "curves.json", curve_data),
+            *save_figures(curve_data, counts, work),
+        ]:
+            tracking.log_artifact(path, "reports")
+    return metrics
+
+
+def promote(registered_model_name: str, version: str, experiment_name: str) -> str | None:
+    """The `promote` stage: point `production` at `version` (a promotion or a rollback); returns the previous one."""
+    with tracking.tracked_run(experiment_name, "promote", {"cifake.stage": "promote"}):
+        previous = tracking.alias_version(registered_model_name)
+        tracking.set_alias(registered_model_name, version)
+        previous_version = previous["version"] if previous else None
+        tracking.set_tags({"cifake.promoted_version": version, "cifake.previous_version": previous_version or "-"})
+        log.info(
+            "%s@%s: v%s -> v%s", registered_model_name, tracking.PRODUCTION_ALIAS, previous_version or "-", version
+        )
+    return previous_version

@@ -1,0 +1,106 @@
+"""The config contract: defaults, YAML, then flags; validation; and MLproject parameters that match the fields."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cifake_core.cli import build_parser, main
+from cifake_core.config import FIELD_TYPES, FIELDS, RunConfig, load_config
+from cifake_core.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+MLPROJECT_TYPES = {str: "string", int: "int", float: "float"}
+
+
+def test_defaults_then_yaml_then_overrides(tmp_path: Path):
+    experiment = tmp_path / "exp.yaml"
+    experiment.write_text("epochs: 3\nlr: 0.01\npretrained: false\n")
+    config = load_config(experiment, {"epochs": "5"})
+    assert config.train.epochs == 5  # the flag wins over the file
+    assert config.train.lr == 0.01  # the file wins over the default
+    assert config.model.pretrained == "false"  # YAML's boolean becomes the choice string
+    assert config.train.batch_size == RunConfig().train.batch_size
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"epoch": "3"}, "Did you mean 'epochs'"),
+        ({"epochs": "3.5"}, "epochs must be an integer"),
+        ({"epochs": "0"}, "epochs must be at least 1"),
+        ({"lr": "fast"}, "lr must be a float"),
+        ({"val_fraction": "1.5"}, "val_fraction must be a fraction"),
+        ({"pretrained": "maybe"}, "pretrained must be one of auto|true|false"),
+        ({"promote": "sometimes"}, "promote must be one of auto|always|never"),
+        ({"device": "tpu"}, "device must be auto, cpu, cuda, cuda:N or mps"),
+        ({"default_threshold": "0.3"}, "default_threshold must be one of"),
+        ({"pretrained_weights": "/no/such/file.pth"}, "pretrained_weights must be an existing weights file"),
+    ],
+)
+def test_bad_values_and_unknown_keys_are_rejected_with_the_fix(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("|", r"\|").replace("(", r"\(")):
+        load_config(None, overrides)
+
+
+def test_unknown_key_in_yaml_is_rejected(tmp_path: Path):
+    experiment = tmp_path / "exp.yaml"
+    experiment.write_text("epochs: 2\nlearning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown configuration key 'learning_rate'"):
+        load_config(experiment)
+
+
+def test_yaml_that_is_not_a_mapping_or_missing_is_rejected(tmp_path: Path):
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- epochs\n")
+    with pytest.raises(ConfigError, match="flat mapping"):
+        load_config(listing)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_config_is_frozen():
+    config = load_config()
+    with pytest.raises(AttributeError):
+        config.train.epochs = 2  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_experiment_file_only_sets_known_fields(path: Path):
+    assert set(yaml.safe_load(path.read_text())) <= set(FIELDS)
+    if "data_dir: /" not in path.read_text():  # files pointing at a real dataset folder are checked when used
+        load_config(path)
+
+
+def _mlproject() -> dict:
+    return yaml.safe_load((ROOT / "MLproject").read_text())
+
+
+def test_main_entry_point_parameters_are_the_config_fields_with_their_types_and_defaults():
+    parameters = _mlproject()["entry_points"]["main"]["parameters"]
+    assert set(parameters) == set(FIELDS)
+    defaults = RunConfig().flat()
+    for name, spec in parameters.items():
+        assert spec["type"] == MLPROJECT_TYPES[FIELD_TYPES[name]], name
+        assert FIELD_TYPES[name](spec["default"]) == defaults[name], name
+
+
+def test_every_entry_point_passes_each_parameter_as_the_flag_of_the_same_name():
+    for name, entry in _mlproject()["entry_points"].items():
+        for parameter, spec in entry["parameters"].items():
+            assert f"--{parameter} {{{parameter}}}" in entry["command"], (name, parameter)
+            if parameter in FIELDS:
+                assert spec["type"] == MLPROJECT_TYPES[FIELD_TYPES[parameter]], (name, parameter)
+
+
+def test_every_config_field_is_a_train_flag():
+    arguments = build_parser().parse_args(["train", *[f"--{name}=1" for name in FIELDS]])
+    assert all(getattr(arguments, name) == "1" for name in FIELDS)
+
+
+def test_cli_reports_a_bad_flag_in_one_line_and_exits_2(capsys):
+    assert main(["train", "--epochs", "many"]) == 2
+    error = capsys.readouterr().err
+    assert "epochs must be an integer, got 'many'" in error

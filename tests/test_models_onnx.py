@@ -1,0 +1,120 @@
+"""The network, its checkpoints and pretrained-weight handling, and the ONNX export's parity with PyTorch."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import timm
+import torch
+
+from cifake_core import models
+from cifake_core.engine import evaluate, prob_ai, resolve_device
+from cifake_core.errors import DeviceError, PretrainedWeightsError
+from cifake_core.onnx_export import OnnxParityError, export_onnx
+from cifake_core.onnx_runtime import INPUT_NAME, OUTPUT_NAME, onnx_session
+
+
+@pytest.fixture(scope="module")
+def random_model() -> models.ImageClassifier:
+    torch.manual_seed(0)
+    model, source = models.create_model(pretrained="false", pretrained_weights="")
+    assert source == "random"
+    return model.eval()
+
+
+def _batch(count: int, size: int = 32, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, 3, size, size), dtype=np.uint8)
+
+
+def test_model_takes_uint8_images_and_normalises_inside(random_model):
+    images = torch.from_numpy(_batch(3))
+    with torch.no_grad():
+        from_uint8 = random_model(images)
+        from_float = random_model(images.float())
+    assert from_uint8.shape == (3, 2)
+    torch.testing.assert_close(from_uint8, from_float)
+
+
+def test_pretrained_auto_falls_back_to_random_within_seconds_offline(monkeypatch):
+    monkeypatch.setattr(models, "host_reachable", lambda host: False)
+    started = time.perf_counter()
+    _, source = models.create_model(pretrained="auto", pretrained_weights="")
+    assert source == "random"
+    assert time.perf_counter() - started < 20
+
+
+def test_pretrained_true_fails_with_a_clear_message_offline(monkeypatch):
+    monkeypatch.setattr(models, "host_reachable", lambda host: False)
+    with pytest.raises(PretrainedWeightsError, match="pretrained_weights=PATH"):
+        models.create_model(pretrained="true", pretrained_weights="")
+
+
+def test_pretrained_weights_file_is_loaded(tmp_path: Path):
+    torch.manual_seed(1)
+    imagenet_like = timm.create_model(models.ARCHITECTURE, pretrained=False, num_classes=1000)
+    weights = tmp_path / "imagenet.pth"
+    torch.save(imagenet_like.state_dict(), weights)
+    model, source = models.create_model(pretrained="auto", pretrained_weights=str(weights))
+    assert source == "file:imagenet.pth"
+    stem = "conv_stem.weight"
+    torch.testing.assert_close(model.backbone.state_dict()[stem], imagenet_like.state_dict()[stem])
+    assert model.backbone.get_classifier().out_features == 2  # ImageNet head replaced by ours
+
+
+def test_broken_pretrained_weights_file_is_a_clear_error(tmp_path: Path):
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(PretrainedWeightsError, match="could not load pretrained_weights"):
+        models.create_model(pretrained="auto", pretrained_weights=str(broken))
+
+
+def test_checkpoint_is_self_describing_and_round_trips(random_model, tmp_path: Path):
+    path = tmp_path / "best.pt"
+    models.save_checkpoint(path, random_model, {"epochs": 3}, epoch=2, metrics={"val_auc": 0.75})
+    restored, meta = models.load_checkpoint(path)
+    assert meta["epoch"] == 2 and meta["config"] == {"epochs": 3} and meta["metrics"]["val_auc"] == 0.75
+    images = torch.from_numpy(_batch(4))
+    with torch.no_grad():
+        torch.testing.assert_close(restored(images), random_model(images))
+
+
+def test_evaluate_returns_prefixed_floats(random_model):
+    images, labels = torch.from_numpy(_batch(16)), torch.tensor([0, 1] * 8)
+    metrics = evaluate(random_model, images, labels, batch_size=8, device=torch.device("cpu"), prefix="val")
+    assert {"val_loss", "val_auc", "val_f1", "val_accuracy"} <= set(metrics)
+    assert all(isinstance(value, float) for value in metrics.values())
+
+
+def test_unavailable_device_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(DeviceError, match="device=auto or device=cpu"):
+        resolve_device("cuda")
+    assert resolve_device("auto").type in {"cpu", "mps"}
+
+
+def test_onnx_export_matches_pytorch_with_a_dynamic_batch(random_model, tmp_path: Path):
+    path = tmp_path / "model.onnx"
+    report = export_onnx(random_model, 32, path, check_batch=_batch(8))
+    assert report["onnx_max_abs_diff"] < 1e-4
+    onnx.checker.check_model(str(path), full_check=True)
+    assert not [p for p in tmp_path.iterdir() if p.name != "model.onnx"]  # one self-contained file
+    session = onnx_session(path)
+    for count in (1, 5, 33):
+        batch = _batch(count, seed=count)
+        with torch.no_grad():
+            expected = prob_ai(random_model(torch.from_numpy(batch))).numpy()
+        actual = session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+        np.testing.assert_allclose(actual, expected, atol=1e-4)
+
+
+def test_onnx_export_refuses_a_graph_that_disagrees(random_model, tmp_path: Path, monkeypatch):
+    monkeypatch.setattr("cifake_core.onnx_export.PARITY_TOLERANCE", -1.0)
+    path = tmp_path / "model.onnx"
+    with pytest.raises(OnnxParityError):
+        export_onnx(random_model, 32, path, check_batch=_batch(2))
+    assert list(tmp_path.iterdir()) == []  # nothing half-written is left behind

@@ -1,0 +1,227 @@
+"""End to end on tiny generated data: train -> log -> register -> promote -> serve, and every way a run can end.
+
+Each test gets its own SQLite MLflow store (`tracking_store`). Runs that train are marked `slow`.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+
+from cifake_core import pipeline
+from cifake_core.cli import main
+from cifake_core.config import load_config
+from cifake_core.onnx_runtime import INPUT_NAME, OUTPUT_NAME, onnx_session
+from cifake_core.preprocessing import preprocess_image
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "cifake-detector"
+
+
+def _config(data_dir: Path, **overrides: str):
+    values = {"data_dir": str(data_dir), "epochs": "1", "batch_size": "16", "num_workers": "0", **overrides}
+    return load_config(None, values)
+
+
+def _png_base64(size: tuple[int, int], color: tuple[int, int, int]) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _artifact_paths(client: MlflowClient, run_id: str, folder: str = "") -> set[str]:
+    paths: set[str] = set()
+    for item in client.list_artifacts(run_id, folder or None):
+        paths |= _artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return paths
+
+
+def _versions() -> list[str]:
+    return sorted(v.version for v in MlflowClient().search_model_versions(f"name='{MODEL}'"))
+
+
+def _production() -> str | None:
+    try:
+        return str(MlflowClient().get_model_version_by_alias(MODEL, "production").version)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+@pytest.mark.parametrize(
+    ("mode", "production", "expected"),
+    [
+        ("never", None, False),
+        ("always", {"version": "1", "tags": {"dataset_fingerprint": "other", "val_auc": "0.99"}}, True),
+        ("auto", None, True),
+        ("auto", {"version": "1", "tags": {"dataset_fingerprint": "fp", "val_auc": "0.80"}}, True),
+        ("auto", {"version": "1", "tags": {"dataset_fingerprint": "fp", "val_auc": "0.90"}}, False),
+        ("auto", {"version": "1", "tags": {"dataset_fingerprint": "fp", "val_auc": "0.85"}}, False),
+        ("auto", {"version": "1", "tags": {"dataset_fingerprint": "other", "val_auc": "0.10"}}, False),
+    ],
+)
+def test_promotion_rule(mode, production, expected):
+    promote, reason = pipeline.promotion_decision(mode, 0.85, "fp", production)
+    assert promote is expected
+    assert reason
+
+
+@pytest.mark.slow
+def test_training_logs_registers_promotes_and_serves(tiny_demo: Path, tracking_store: str):
+    result = pipeline.train(_config(tiny_demo))
+    client = MlflowClient()
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["epochs"] == "1" and run.data.params["data_dir"] == str(tiny_demo)
+    expected_metrics = {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_auc", "val_f1",
+                        "learning_rate", "epoch_seconds", "images_per_second", "test_auc", "test_f1",
+                        "test_accuracy", "test_precision", "test_recall", "onnx_max_abs_diff", "best_val_auc"}
+    assert expected_metrics <= set(run.data.metrics)
+    assert [m.step for m in client.get_metric_history(result.run_id, "val_auc")] == [1]
+    expected_artifacts = {"config.yaml", "data/manifest.csv", "data/dataset_summary.json", "reports/metrics.json",
+                          "reports/thresholds.json", "reports/curves.json", "reports/roc.png", "reports/pr.png",
+                          "reports/confusion_matrix.png", "onnx/model.onnx", "checkpoint/best.pt"}
+    assert expected_artifacts <= _artifact_paths(client, result.run_id)
+    summary = json.loads(Path(client.download_artifacts(result.run_id, "data/dataset_summary.json")).read_text())
+    assert run.inputs.dataset_inputs[0].dataset.digest == summary["fingerprint"]
+
+    assert (result.version, result.promoted) == ("1", True)
+    version = client.get_model_version(MODEL, "1")
+    assert version.run_id == result.run_id
+    assert {"val_auc", "test_auc", "dataset_fingerprint", "image_size", "weights_source"} <= set(version.tags)
+    assert _production() == "1"
+
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}@production")
+    images = [_png_base64((100, 60), (200, 30, 30)), _png_base64((32, 32), (10, 120, 240))]
+    answer = model.predict(pd.DataFrame({"image": images}))
+    thresholds = json.loads(Path(client.download_artifacts(result.run_id, "reports/thresholds.json")).read_text())
+    default_value = thresholds["thresholds"][thresholds["default"]]["value"]
+    assert list(answer.columns) == ["prob_ai", "label", "threshold", "error"]
+    assert answer["threshold"].tolist() == [default_value, default_value]
+    assert set(answer["label"]) <= {"ai", "real"} and (answer["error"] == "").all()
+    onnx_path = client.download_artifacts(result.run_id, "onnx/model.onnx")
+    direct = onnx_session(Path(onnx_path)).run(
+        [OUTPUT_NAME], {INPUT_NAME: np.stack([preprocess_image(base64.b64decode(i), 32) for i in images])})[0]
+    np.testing.assert_allclose(answer["prob_ai"].to_numpy(), direct, atol=1e-6)
+    strict = model.predict(pd.DataFrame({"image": images}), params={"threshold": "fpr_1pct"})
+    assert strict["threshold"].iloc[0] == thresholds["thresholds"]["fpr_1pct"]["value"]
+    with pytest.raises(Exception, match="threshold must be one of"):
+        model.predict(pd.DataFrame({"image": images}), params={"threshold": "banana"})
+
+    kept_out = pipeline.train(_config(tiny_demo, promote="never"))
+    assert (kept_out.version, kept_out.promoted, _production()) == ("2", False, "1")
+    forced = pipeline.train(_config(tiny_demo, promote="always"))
+    assert (forced.version, forced.promoted, _production()) == ("3", True, "3")
+    assert pipeline.promote(MODEL, "1", "cifake") == "3"  # a rollback
+    assert _production() == "1"
+
+    metrics = pipeline.evaluate_model(f"models:/{MODEL}/2", _config(tiny_demo))
+    assert 0.0 <= metrics["test_auc"] <= 1.0 and "test_f1" in metrics
+
+
+@pytest.mark.slow
+def test_a_failing_run_ends_failed_and_registers_nothing(tiny_demo: Path, tracking_store: str, monkeypatch):
+    def broken_epoch(*args, **kwargs):
+        raise RuntimeError("disk full while training")
+
+    monkeypatch.setattr(pipeline, "train_one_epoch", broken_epoch)
+    with pytest.raises(RuntimeError, match="disk full"):
+        pipeline.train(_config(tiny_demo))
+    (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("cifake").experiment_id])
+    assert run.info.status == "FAILED"
+    assert "disk full" in run.data.tags["cifake.error"]
+    assert _versions() == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_the_run_killed(tiny_demo: Path, tracking_store: str, monkeypatch):
+    def interrupted_epoch(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "train_one_epoch", interrupted_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.train(_config(tiny_demo))
+    (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("cifake").experiment_id])
+    assert run.info.status == "KILLED"
+
+
+@pytest.mark.slow
+def test_a_failure_after_registration_deletes_the_new_version(tiny_demo: Path, tracking_store: str, monkeypatch):
+    def broken_rule(*args, **kwargs):
+        raise RuntimeError("registry went away")
+
+    monkeypatch.setattr(pipeline, "promotion_decision", broken_rule)
+    with pytest.raises(RuntimeError, match="registry went away"):
+        pipeline.train(_config(tiny_demo))
+    assert _versions() == []
+    (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("cifake").experiment_id])
+    assert run.info.status == "FAILED"
+
+
+def test_a_missing_data_dir_is_one_clear_line_and_starts_no_run(tmp_path: Path, tracking_store: str, capsys):
+    assert main(["train", "--data_dir", str(tmp_path / "nowhere"), "--num_workers", "0"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert mlflow.get_experiment_by_name("cifake") is None or not MlflowClient().search_runs(
+        [mlflow.get_experiment_by_name("cifake").experiment_id])
+
+
+def test_promoting_a_missing_version_is_a_clear_error(tracking_store: str, capsys):
+    assert main(["promote", "--version", "7"]) == 2
+    assert "has no version '7'" in capsys.readouterr().err
+
+
+def _subprocess_env(tracking_store: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_RUN")}
+    # `python` in the MLproject command must be this interpreter, as in an activated virtual environment
+    path = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env | {"MLFLOW_TRACKING_URI": tracking_store, "PYTHONUNBUFFERED": "1", "PATH": path}
+
+
+@pytest.mark.slow
+def test_sigterm_mid_training_ends_the_run_killed(tiny_demo: Path, tracking_store: str):
+    command = [sys.executable, "-m", "cifake_core.cli", "train", "--data_dir", str(tiny_demo), "--epochs", "500",
+               "--batch_size", "16", "--num_workers", "0"]
+    process = subprocess.Popen(command, env=_subprocess_env(tracking_store), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and process.poll() is None:
+            experiment = mlflow.get_experiment_by_name("cifake")
+            runs = MlflowClient().search_runs([experiment.experiment_id]) if experiment else []
+            if runs and "val_auc" in runs[0].data.metrics:
+                break
+            time.sleep(1)
+        assert process.poll() is None, process.stdout.read()
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, output
+    assert MlflowClient().get_run(runs[0].info.run_id).info.status == "KILLED"
+
+
+@pytest.mark.slow
+def test_mlflow_run_of_the_project_trains_registers_and_promotes(tiny_demo: Path, tracking_store: str):
+    command = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local", "--experiment-name",
+               "cifake", "-P", "epochs=1", "-P", f"data_dir={tiny_demo}", "-P", "batch_size=16",
+               "-P", "num_workers=0"]
+    completed = subprocess.run(command, env=_subprocess_env(tracking_store), capture_output=True, text=True,
+                               timeout=600)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("cifake").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["epochs"] == "1" and "val_auc" in run.data.metrics
+    assert _production() == "1"
