@@ -10,6 +10,8 @@ Usage:
     cifake data download /data/cifake
     cifake evaluate --model_uri models:/cifake-detector@production --data_dir /data/cifake
     cifake promote --version 3
+    cifake serve --port 5001
+    cifake predict photos/ --output results.csv
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from cifake_core.config import FIELD_TYPES, FIELDS, RunConfig, load_config
-from cifake_core.errors import CifakeError
+from cifake_core.errors import CifakeError, ConfigError
 
 DEFAULT_MODEL_URI = "models:/cifake-detector@production"
 _EVALUATE_FIELDS = ("data_dir", "max_test_per_class", "seed", "num_workers", "experiment_name")
@@ -44,6 +47,12 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: Sequence[str] = tu
 
 
 def _config_from(arguments: argparse.Namespace) -> RunConfig:
+    if arguments.config and os.environ.get("MLFLOW_RUN_ID"):
+        # Under `mlflow run` every MLproject parameter arrives as a flag and would silently override the file.
+        raise ConfigError(
+            "a --config file cannot be combined with `mlflow run`: pass the settings as -P parameters, or run "
+            f"`cifake train --config {arguments.config}`"
+        )
     overrides = {name: getattr(arguments, name) for name in FIELDS if getattr(arguments, name, None) is not None}
     return load_config(arguments.config or None, overrides)
 
@@ -72,14 +81,42 @@ def build_parser() -> argparse.ArgumentParser:
     promote = stages.add_parser("promote", help="point the `production` alias at a version (promote or roll back)")
     promote.add_argument("--version", required=True, help="registered version number to make production")
     _add_config_flags(promote, _PROMOTE_FIELDS)
+
+    serve = stages.add_parser("serve", help="serve a model over REST with `mlflow models serve` (default: production)")
+    serve.add_argument("--model_uri", default=DEFAULT_MODEL_URI, help="model to serve; an alias is resolved now")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=_port, default=5001, help="TCP port")
+    serve.add_argument("--workers", type=_positive, default=1, help="server worker processes")
+
+    predict = stages.add_parser("predict", help="classify image files and folders (recursive)")
+    predict.add_argument("paths", nargs="+", type=Path, help="image files and folders")
+    predict.add_argument("--model_uri", default=DEFAULT_MODEL_URI, help="model to use")
+    predict.add_argument("--threshold", default="default", help="a name from thresholds.json or a number in [0, 1]")
+    predict.add_argument("--output", type=Path, default=None, help="results.csv or results.jsonl (default: a table)")
     return parser
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port between 1 and 65535, got {text!r}")
+    return int(text)
 
 
 def _raise_keyboard_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _run(arguments: argparse.Namespace) -> None:
+def _run(arguments: argparse.Namespace) -> int | None:
+    if arguments.stage == "serve":
+        return _serve(arguments)
+    if arguments.stage == "predict":
+        return _predict(arguments)
     config = None if arguments.stage == "data" and arguments.action == "download" else _config_from(arguments)
     # Imported after the config is checked, so a mistyped flag is answered without loading torch and MLflow.
     from cifake_core import pipeline
@@ -118,20 +155,65 @@ def _run(arguments: argparse.Namespace) -> None:
         print(f"{config.publish.registered_model_name}@production: v{previous or '-'} -> v{arguments.version}")
 
 
+def _serve(arguments: argparse.Namespace) -> int:
+    from cifake_core import tracking
+
+    pinned_uri = tracking.pin_model_uri(arguments.model_uri)
+    print(
+        f"serving {pinned_uri} (resolved from {arguments.model_uri}) on http://{arguments.host}:{arguments.port}; "
+        "an alias is resolved at start-up, so restart the server after a promotion",
+        flush=True,
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        pinned_uri,
+        "--env-manager",
+        "local",
+        "-h",
+        arguments.host,
+        "-p",
+        str(arguments.port),
+        "-w",
+        str(arguments.workers),
+    ]
+    os.execv(sys.executable, command)  # the server takes over this process, and so its signals
+
+
+def _predict(arguments: argparse.Namespace) -> int:
+    from cifake_core.predict import check_output, collect_images, load_scorer, predict_files, write_results
+
+    check_output(arguments.output)
+    files = collect_images(arguments.paths)
+    results = predict_files(files, load_scorer(arguments.model_uri), arguments.threshold)
+    write_results(results, arguments.output)
+    failed = int((results["error"] != "").sum())
+    print(
+        f"{len(results) - failed} classified, {failed} failed"
+        + (f"; results in {arguments.output}" if arguments.output else ""),
+        file=sys.stderr,
+    )
+    return 1 if failed else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s")
     logging.getLogger("cifake_core").setLevel(logging.INFO)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
-        _run(arguments)
-    except (CifakeError, FileExistsError) as error:
+        status = _run(arguments)
+    except (CifakeError, OSError) as error:  # OSError: a folder or file the user named that cannot be written
         print(f"cifake {arguments.stage}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"cifake {arguments.stage}: interrupted; the MLflow run was ended as KILLED", file=sys.stderr)
+        print(f"cifake {arguments.stage}: interrupted; any open MLflow run was ended as KILLED", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -134,7 +134,7 @@ def _check(values: dict[str, Any]) -> None:
         ("image_size", 32 <= values["image_size"] <= 512, "between 32 and 512 pixels"),
         ("pretrained", values["pretrained"] in PRETRAINED_CHOICES, "one of " + "|".join(PRETRAINED_CHOICES)),
         ("epochs", values["epochs"] >= 1, "at least 1"),
-        ("batch_size", values["batch_size"] >= 1, "at least 1"),
+        ("batch_size", values["batch_size"] >= 2, "at least 2 (BatchNorm needs two images per batch)"),
         ("lr", 0.0 < values["lr"] < 1.0, "a positive learning rate below 1, e.g. 0.002"),
         ("weight_decay", 0.0 <= values["weight_decay"] < 1.0, "between 0 and 1"),
         ("device", bool(_DEVICE_PATTERN.match(values["device"])), "auto, cpu, cuda, cuda:N or mps"),

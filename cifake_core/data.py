@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
-import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -32,6 +30,7 @@ import pandas as pd
 
 from cifake_core import CLASS_NAMES, FOLDER_FOR_CLASS
 from cifake_core.errors import DatasetError, ImageError
+from cifake_core.files import atomic_path
 from cifake_core.network import host_reachable
 from cifake_core.preprocessing import load_rgb, preprocess_image
 
@@ -67,6 +66,11 @@ def _has_images(folder: Path) -> bool:
 def find_dataset_root(path: str | Path) -> Path:
     """The folder holding train/ and test/ (the given one, or one level down); raise DatasetError otherwise."""
     given = Path(path).expanduser()
+    if given.is_file():
+        raise DatasetError(
+            f"data_dir {str(given)!r} is a file, not a folder: unpack it first (e.g. `tar xzf {given.name}` or "
+            "`unzip`) and pass the folder that holds train/ and test/"
+        )
     if not given.is_dir():
         raise DatasetError(
             f"dataset folder {str(given)!r} does not exist. Pass the folder that holds train/ and test/ "
@@ -91,7 +95,10 @@ def find_dataset_root(path: str | Path) -> Path:
 
 def _inspect_file(path: Path) -> tuple[str, str]:
     """(sha256, problem) of one file; problem is empty when the image decodes."""
-    content = path.read_bytes()
+    try:
+        content = path.read_bytes()
+    except OSError as error:  # unreadable (permissions) or gone since the folder was listed
+        return "", f"unreadable file: {error.strerror or error}"
     digest = hashlib.sha256(content).hexdigest()
     try:
         load_rgb(content)
@@ -106,8 +113,11 @@ def _parallel_map(function: Callable, items: Sequence, num_workers: int) -> Iter
     # Spawned, not forked: the parent may already run torch's thread pools, which do not survive a fork.
     context = multiprocessing.get_context("spawn")
     executor = ProcessPoolExecutor(max_workers=num_workers, mp_context=context)
-    with executor:
+    try:
         return list(executor.map(function, items, chunksize=_CHUNK))
+    finally:
+        # On Ctrl-C, drop the queued chunks instead of finishing a scan of 100k files first.
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 def _scan(root: Path, num_workers: int) -> tuple[list[dict[str, str]], list[dict[str, str]], dict]:
@@ -239,24 +249,14 @@ def prepare_splits(
     return PreparedData(root=root, manifest=manifest, summary=summary)
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, so a crash never leaves half a file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def write_split_files(prepared: PreparedData, output_dir: Path) -> tuple[Path, Path]:
     """`manifest.csv` and `dataset_summary.json` in output_dir, each written atomically."""
     output_dir.mkdir(parents=True, exist_ok=True)
     manifest_path, summary_path = output_dir / MANIFEST_FILE, output_dir / SUMMARY_FILE
-    _write_atomically(manifest_path, lambda target: prepared.manifest.to_csv(target, index=False))
-    _write_atomically(summary_path, lambda target: target.write_text(json.dumps(prepared.summary, indent=2) + "\n"))
+    with atomic_path(manifest_path) as temporary:
+        prepared.manifest.to_csv(temporary, index=False)
+    with atomic_path(summary_path) as temporary:
+        temporary.write_text(json.dumps(prepared.summary, indent=2) + "\n")
     return manifest_path, summary_path
 
 
@@ -289,11 +289,18 @@ def download_cifake(destination: Path) -> Path:
     import kagglehub
     from kagglehub.config import get_kaggle_credentials
 
-    if get_kaggle_credentials() is None:
+    try:
+        credentials = get_kaggle_credentials()
+    except Exception as error:
+        raise DatasetError(f"unreadable Kaggle credentials ({error}). {manual}") from error
+    if credentials is None:
         raise DatasetError(
             "no Kaggle credentials: set KAGGLE_USERNAME and KAGGLE_KEY, or KAGGLE_API_TOKEN, or put kaggle.json "
             f"in ~/.kaggle (see https://www.kaggle.com/settings, 'Create New Token'). {manual}"
         )
     destination.mkdir(parents=True, exist_ok=True)
-    downloaded = Path(kagglehub.dataset_download(KAGGLE_HANDLE, output_dir=str(destination)))
+    try:
+        downloaded = Path(kagglehub.dataset_download(KAGGLE_HANDLE, output_dir=str(destination)))
+    except Exception as error:  # HTTP 401/403 (terms not accepted), a dropped connection, a bad kaggle.json
+        raise DatasetError(f"the Kaggle download failed: {type(error).__name__}: {error}. {manual}") from error
     return find_dataset_root(downloaded)

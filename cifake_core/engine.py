@@ -67,8 +67,10 @@ def train_one_epoch(
     model.train()
     started = time.perf_counter()
     order = torch.randperm(len(images), generator=generator).to(images.device)
-    total_loss, correct = 0.0, 0
-    for start in tqdm(range(0, len(order), batch_size), desc=description, unit="batch", leave=False, disable=None):
+    total_loss, correct, seen = 0.0, 0, 0
+    # A lone trailing image is left out: BatchNorm cannot train on a batch of one (at 32 px the last stage is 1x1).
+    starts = range(0, len(order) - 1, batch_size)
+    for start in tqdm(starts, desc=description, unit="batch", leave=False, disable=None):
         index = order[start : start + batch_size]
         batch = _random_flip(images[index].to(device, non_blocking=True), generator)
         targets = labels[index].to(device, non_blocking=True)
@@ -80,13 +82,14 @@ def train_one_epoch(
         scheduler.step()
         total_loss += loss.item() * len(index)
         correct += int((logits.argmax(1) == targets).sum())
+        seen += len(index)
     seconds = time.perf_counter() - started
     return {
-        "train_loss": total_loss / len(order),
-        "train_accuracy": correct / len(order),
+        "train_loss": total_loss / seen,
+        "train_accuracy": correct / seen,
         "learning_rate": scheduler.get_last_lr()[0],
         "epoch_seconds": seconds,
-        "images_per_second": len(order) / seconds,
+        "images_per_second": seen / seconds,
     }
 
 

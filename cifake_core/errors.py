@@ -31,3 +31,7 @@ class PretrainedWeightsError(CifakeError, RuntimeError):
 
 class RegistryError(CifakeError, LookupError):
     """A registered model, version or alias that does not exist."""
+
+
+class ThresholdError(CifakeError, ValueError):
+    """A decision threshold that is neither a name from thresholds.json nor a number in [0, 1]."""

@@ -53,18 +53,21 @@ def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float, pre
 
 def choose_thresholds(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     """The named decision thresholds, chosen on these (validation) labels and scores."""
-    fpr, tpr, roc_thresholds = roc_curve(labels, scores)
+    # Every ROC point is kept: with tied scores the best point under the FPR bound may be an "intermediate" one.
+    fpr, tpr, roc_thresholds = roc_curve(labels, scores, drop_intermediate=False)
     finite = np.isfinite(roc_thresholds)  # the first ROC threshold is +inf: "call nothing ai"
     youden = roc_thresholds[finite][np.argmax((tpr - fpr)[finite])]
     allowed = finite & (fpr <= MAX_FALSE_POSITIVE_RATE)
-    low_fpr = roc_thresholds[allowed][np.argmax(tpr[allowed])] if allowed.any() else 1.0
+    # When even the top score is shared with too many real images, only "call nothing ai" keeps the bound:
+    # a threshold just above the highest score (which can be exactly 1.0 in float32).
+    never = float(np.nextafter(max(float(np.max(scores)), 1.0), np.inf))
+    low_fpr = roc_thresholds[allowed][np.argmax(tpr[allowed])] if allowed.any() else never
     precision, recall, pr_thresholds = precision_recall_curve(labels, scores)
     f1 = np.divide(
         2 * precision * recall, precision + recall, out=np.zeros_like(precision), where=(precision + recall) > 0
     )[:-1]  # the last PR point has no threshold
     best_f1 = pr_thresholds[np.argmax(f1)]
-    chosen = {"0.5": 0.5, "f1": best_f1, "youden": youden, "fpr_1pct": low_fpr}
-    return {name: float(np.clip(value, 0.0, 1.0)) for name, value in chosen.items()}
+    return {"0.5": 0.5, "f1": float(best_f1), "youden": float(youden), "fpr_1pct": float(low_fpr)}
 
 
 def threshold_report(

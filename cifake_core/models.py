@@ -23,6 +23,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from cifake_core import CLASS_NAMES
 from cifake_core.errors import PretrainedWeightsError
+from cifake_core.files import atomic_path
 from cifake_core.network import host_reachable
 
 ARCHITECTURE = "mobilenetv3_large_100"
@@ -59,8 +60,8 @@ def _hub_cache_only(enabled: bool):
         constants.HF_HUB_OFFLINE = previous
 
 
-def _hub_backbone() -> torch.nn.Module:
-    with _hub_cache_only(not host_reachable(_HUB_HOST)):
+def _hub_backbone(offline: bool) -> torch.nn.Module:
+    with _hub_cache_only(offline):
         return timm.create_model(ARCHITECTURE, pretrained=True, num_classes=len(CLASS_NAMES))
 
 
@@ -81,14 +82,16 @@ def _backbone(pretrained: str, pretrained_weights: str) -> tuple[torch.nn.Module
         return model, f"file:{path.name}"
     if pretrained == "false":
         return timm.create_model(ARCHITECTURE, pretrained=False, num_classes=len(CLASS_NAMES)), "random"
+    offline = not host_reachable(_HUB_HOST)
     try:
-        return _hub_backbone(), f"hub:timm/{ARCHITECTURE}"
+        return _hub_backbone(offline), f"hub:timm/{ARCHITECTURE}"
     except Exception as error:
-        reason = f"ImageNet weights for {ARCHITECTURE} are not in the local cache and {_HUB_HOST} is unreachable"
+        where = f"{_HUB_HOST} is unreachable and they are not in the local cache" if offline else "the download failed"
+        reason = f"no ImageNet weights for {ARCHITECTURE}: {where} ({type(error).__name__}: {str(error)[:200]})"
         if pretrained == "true":
             raise PretrainedWeightsError(
-                f"{reason} ({type(error).__name__}). Go online once, or pass pretrained_weights=PATH to a "
-                "downloaded file, or train from scratch with pretrained=false."
+                f"{reason}. Go online once, or pass pretrained_weights=PATH to a downloaded file, or train from "
+                "scratch with pretrained=false."
             ) from error
         log.warning("%s: starting from random weights (pretrained=auto).", reason)
         return timm.create_model(ARCHITECTURE, pretrained=False, num_classes=len(CLASS_NAMES)), "random"
@@ -102,18 +105,17 @@ def create_model(pretrained: str, pretrained_weights: str) -> tuple[ImageClassif
 
 def save_checkpoint(path: Path, model: ImageClassifier, config: dict[str, Any], epoch: int, metrics: dict) -> None:
     """Everything needed to rebuild and judge the model: weights, flat config, epoch and metrics."""
-    temporary = path.with_suffix(".tmp")
-    torch.save(
-        {
-            "architecture": ARCHITECTURE,
-            "state_dict": model.state_dict(),
-            "config": config,
-            "epoch": epoch,
-            "metrics": metrics,
-        },
-        temporary,
-    )
-    temporary.replace(path)
+    with atomic_path(path) as temporary:
+        torch.save(
+            {
+                "architecture": ARCHITECTURE,
+                "state_dict": model.state_dict(),
+                "config": config,
+                "epoch": epoch,
+                "metrics": metrics,
+            },
+            temporary,
+        )
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[ImageClassifier, dict[str, Any]]:

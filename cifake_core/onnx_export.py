@@ -11,7 +11,6 @@ Usage:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import onnx
 import torch
 
 from cifake_core.engine import prob_ai
+from cifake_core.files import atomic_path
 from cifake_core.onnx_runtime import INPUT_NAME, OUTPUT_NAME, onnx_session
 
 # Float32 ops reordered by graph optimisation differ from PyTorch by ~1e-6; more means a wrong graph.
@@ -42,8 +42,7 @@ def export_onnx(model: torch.nn.Module, image_size: int, path: Path, check_batch
     """Write `path` atomically after onnx.checker and an onnxruntime-vs-PyTorch check on `check_batch`."""
     wrapped = _ProbabilityModel(model).cpu().eval()
     example = torch.zeros(2, 3, image_size, image_size, dtype=torch.uint8)
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as temporary:
         torch.onnx.export(
             wrapped,
             (example,),
@@ -62,9 +61,6 @@ def export_onnx(model: torch.nn.Module, image_size: int, path: Path, check_batch
             raise OnnxParityError(
                 f"onnxruntime and PyTorch disagree by {max_abs_diff:.2e} (> {PARITY_TOLERANCE}) on the check batch"
             )
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
     return {
         "onnx_max_abs_diff": max_abs_diff,
         "onnx_check_images": float(len(check_batch)),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -27,18 +28,22 @@ import yaml
 from PIL import Image
 
 from cifake_core import tracking
-from cifake_core.config import DataConfig, RunConfig
+from cifake_core.config import DataConfig, RunConfig, TrainConfig
 from cifake_core.data import PreparedData, find_dataset_root, load_split_arrays, prepare_splits, write_split_files
 from cifake_core.demo import DEMO_VERSION, ensure_demo_dataset
 from cifake_core.engine import evaluate, predict_logits, prob_ai, resolve_device, to_device_tensors, train_one_epoch
+from cifake_core.errors import DatasetError
 from cifake_core.metrics import binary_metrics, confusion, curves, threshold_report
 from cifake_core.models import create_model, load_checkpoint, save_checkpoint
 from cifake_core.onnx_export import export_onnx
+from cifake_core.predict import load_scorer
 from cifake_core.pyfunc_model import INPUT_COLUMN
 from cifake_core.reports import save_figures, write_json
 
 ONNX_CHECK_IMAGES = 32
 EVAL_BATCH_SIZE = 512
+# Decoded splits live in memory (on the device when it is a GPU); leave the rest of RAM to the model and OS.
+MAX_SHARE_OF_MEMORY_FOR_IMAGES = 0.5
 log = logging.getLogger(__name__)
 
 
@@ -59,7 +64,7 @@ def resolve_dataset(data_dir: str) -> tuple[Path, str]:
     return root, root.name
 
 
-def prepare(data: DataConfig, num_workers: int, root: Path, name: str) -> PreparedData:
+def prepare(root: Path, name: str, data: DataConfig, num_workers: int) -> PreparedData:
     log.info("scanning %s (%s)", root, name)
     return prepare_splits(
         root,
@@ -72,11 +77,11 @@ def prepare(data: DataConfig, num_workers: int, root: Path, name: str) -> Prepar
     )
 
 
-def _log_prepared(prepared: PreparedData, folder: Path) -> None:
+def _log_prepared(prepared: PreparedData, folder: Path, context: str) -> None:
     for path in write_split_files(prepared, folder):
         tracking.log_artifact(path, "data")
     tracking.log_dataset(
-        prepared.manifest, str(prepared.root), prepared.summary["dataset"], prepared.fingerprint, context="training"
+        prepared.manifest, str(prepared.root), prepared.summary["dataset"], prepared.fingerprint, context=context
     )
     tracking.set_tags(
         {"cifake.dataset": prepared.summary["dataset"], "cifake.dataset_fingerprint": prepared.fingerprint}
@@ -88,10 +93,10 @@ def prepare_data(config: RunConfig, output_dir: Path) -> PreparedData:
     root, name = resolve_dataset(config.data.data_dir)
     with tracking.tracked_run(config.publish.experiment_name, "prepare_data", {"cifake.stage": "prepare_data"}):
         tracking.log_params(
-            {name: value for name, value in config.flat().items() if name in DataConfig.__annotations__}
+            {field: value for field, value in config.flat().items() if field in DataConfig.__annotations__}
         )
-        prepared = prepare(config.data, config.train.num_workers, root, name)
-        _log_prepared(prepared, output_dir)
+        prepared = prepare(root, name, config.data, config.train.num_workers)
+        _log_prepared(prepared, output_dir, context="training")
     return prepared
 
 
@@ -110,7 +115,10 @@ def promotion_decision(mode: str, val_auc: float, fingerprint: str, production: 
             f"production v{current} was validated on dataset {production_fingerprint}, this run on {fingerprint}: "
             f"their val AUCs are not comparable (promote by hand with `cifake promote --version N`)"
         )
-    production_auc = float(production["tags"].get("val_auc", "nan"))
+    try:
+        production_auc = float(production["tags"]["val_auc"])
+    except (KeyError, ValueError):
+        return False, f"production v{current} has no numeric val_auc tag to compare with: promote by hand"
     if val_auc > production_auc:
         return True, f"val AUC {val_auc:.4f} beats production v{current} ({production_auc:.4f}) on the same dataset"
     return False, f"val AUC {val_auc:.4f} does not beat production v{current} ({production_auc:.4f})"
@@ -122,21 +130,33 @@ def _png_base64(image: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def _check_memory(image_count: int, image_size: int) -> None:
+    """Refuse, before decoding, splits that would not fit in memory as uint8 tensors."""
+    needed = image_count * 3 * image_size * image_size
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    if needed > MAX_SHARE_OF_MEMORY_FOR_IMAGES * available:
+        raise DatasetError(
+            f"{image_count:,} images at image_size={image_size} need {needed / 2**30:.1f} GiB in memory, more than "
+            f"half of the {available / 2**30:.1f} GiB free: lower image_size or cap max_train_per_class"
+        )
+
+
 def _train_epochs(
-    config: RunConfig,
     model: torch.nn.Module,
     splits: dict[str, tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
+    train: TrainConfig,
+    seed: int,
     checkpoint: Path,
+    checkpoint_config: dict[str, Any],
 ) -> dict[str, float]:
     """The epoch loop; keeps the best epoch by val AUC in `checkpoint` and returns its metrics."""
-    train = config.train
     optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     steps_per_epoch = -(-len(splits["train"][0]) // train.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=train.lr, epochs=train.epochs, steps_per_epoch=steps_per_epoch
     )
-    generator = torch.Generator().manual_seed(config.data.seed)
+    generator = torch.Generator().manual_seed(seed)
     best: dict[str, float] = {"val_auc": -1.0}
     for epoch in range(1, train.epochs + 1):
         metrics = train_one_epoch(
@@ -152,7 +172,7 @@ def _train_epochs(
         metrics |= evaluate(model, *splits["val"], EVAL_BATCH_SIZE, device, prefix="val")
         tracking.log_metrics(metrics, step=epoch)
         log.info(
-            "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_auc %.4f  val_f1 %.4f  %.0f img/s",
+            "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_auc %.4f  val_f1 %.4f  %.0f img/s  %.0f s",
             epoch,
             train.epochs,
             metrics["train_loss"],
@@ -160,10 +180,11 @@ def _train_epochs(
             metrics["val_auc"],
             metrics["val_f1"],
             metrics["images_per_second"],
+            metrics["epoch_seconds"],
         )
         if metrics["val_auc"] > best["val_auc"]:
             best = {**metrics, "epoch": float(epoch)}
-            save_checkpoint(checkpoint, model, config.flat(), epoch, metrics)
+            save_checkpoint(checkpoint, model, checkpoint_config, epoch, metrics)
     return best
 
 
@@ -172,22 +193,42 @@ def _scores(model: torch.nn.Module, split: tuple[torch.Tensor, torch.Tensor], de
     return labels.cpu().numpy(), prob_ai(predict_logits(model, images, EVAL_BATCH_SIZE, device)).numpy()
 
 
-def _register_and_promote(config: RunConfig, model_uri: str, tags: dict[str, Any]) -> tuple[str, bool, str]:
-    """Register a version and apply the promotion rule; a failure deletes the version it made."""
-    name = config.publish.registered_model_name
+def _log_test_reports(
+    work: Path, labels: np.ndarray, scores: np.ndarray, threshold: float, details: dict[str, Any]
+) -> dict[str, float]:
+    """Test metrics at `threshold`, logged, plus metrics.json, curves.json and the figures as `reports/`."""
+    metrics = binary_metrics(labels, scores, threshold, prefix="test")
+    tracking.log_metrics(metrics)
+    counts = confusion(labels, scores, threshold)
+    curve_data = curves(labels, scores)
+    report = {**metrics, "threshold": threshold, "confusion_matrix": counts, "test_images": len(labels), **details}
+    for path in [
+        write_json(work / "metrics.json", report),
+        write_json(work / "curves.json", curve_data),
+        *save_figures(curve_data, counts, work),
+    ]:
+        tracking.log_artifact(path, "reports")
+    return metrics
+
+
+def _register_and_promote(
+    name: str, promote_mode: str, run_id: str, model_uri: str, tags: dict[str, Any]
+) -> tuple[str, bool, str]:
+    """Register a version and apply the promotion rule. On any failure, even Ctrl-C, `production` is put
+    back where it was and the versions this run registered are deleted, so nothing is half-registered."""
     production = tracking.alias_version(name)
-    version = tracking.register_model(model_uri, name, tags)
     try:
-        promote, reason = promotion_decision(
-            config.publish.promote, tags["val_auc"], tags["dataset_fingerprint"], production
-        )
+        version = tracking.register_model(model_uri, name, tags)
+        promote, reason = promotion_decision(promote_mode, tags["val_auc"], tags["dataset_fingerprint"], production)
         if promote:
             tracking.set_alias(name, version)
         tracking.set_tags(
             {"cifake.registered_version": version, "cifake.promoted": promote, "cifake.promotion_reason": reason}
         )
     except BaseException:
-        tracking.delete_model_version(name, version)
+        if production is not None:
+            tracking.set_alias(name, production["version"])
+        tracking.delete_run_versions(name, run_id)
         raise
     return version, promote, reason
 
@@ -206,8 +247,9 @@ def train(config: RunConfig) -> TrainingResult:
         (work / "config.yaml").write_text(yaml.safe_dump(config.flat(), sort_keys=False))
         tracking.log_artifact(work / "config.yaml")
 
-        prepared = prepare(config.data, config.train.num_workers, root, name)
-        _log_prepared(prepared, work)
+        prepared = prepare(root, name, config.data, config.train.num_workers)
+        _log_prepared(prepared, work, context="training")
+        _check_memory(len(prepared.manifest), config.model.image_size)
         started = time.perf_counter()
         arrays = {
             split: load_split_arrays(prepared, split, config.model.image_size, config.train.num_workers)
@@ -219,38 +261,29 @@ def train(config: RunConfig) -> TrainingResult:
         model, weights_source = create_model(config.model.pretrained, config.model.pretrained_weights)
         tracking.set_tags({"cifake.weights_source": weights_source, "cifake.device": str(device)})
         checkpoint = work / "best.pt"
-        best = _train_epochs(config, model.to(device), splits, device, checkpoint)
+        best = _train_epochs(
+            model.to(device), splits, device, config.train, config.data.seed, checkpoint, config.flat()
+        )
         model, _ = load_checkpoint(checkpoint, device)
         tracking.log_metrics({"best_epoch": best["epoch"], "best_val_auc": best["val_auc"]})
 
         val_labels, val_scores = _scores(model, splits["val"], device)
         test_labels, test_scores = _scores(model, splits["test"], device)
-        thresholds = threshold_report(
-            val_labels, val_scores, test_labels, test_scores, config.publish.default_threshold
+        default = config.publish.default_threshold
+        thresholds = threshold_report(val_labels, val_scores, test_labels, test_scores, default)
+        tracking.log_artifact(write_json(work / "thresholds.json", thresholds), "reports")
+        test_metrics = _log_test_reports(
+            work,
+            test_labels,
+            test_scores,
+            thresholds["thresholds"][default]["value"],
+            {
+                "threshold_name": default,
+                "best_epoch": int(best["epoch"]),
+                "best_val_auc": best["val_auc"],
+                "dataset_fingerprint": prepared.fingerprint,
+            },
         )
-        threshold = thresholds["thresholds"][config.publish.default_threshold]["value"]
-        counts = confusion(test_labels, test_scores, threshold)
-        test_metrics = binary_metrics(test_labels, test_scores, threshold, prefix="test")
-        tracking.log_metrics(test_metrics)
-        metrics_report = {
-            **test_metrics,
-            "threshold_name": config.publish.default_threshold,
-            "threshold": threshold,
-            "confusion_matrix": counts,
-            "test_images": len(test_labels),
-            "best_epoch": int(best["epoch"]),
-            "best_val_auc": best["val_auc"],
-            "dataset_fingerprint": prepared.fingerprint,
-        }
-        curve_data = curves(test_labels, test_scores)
-        report_files = [
-            write_json(work / "metrics.json", metrics_report),
-            write_json(work / "thresholds.json", thresholds),
-            write_json(work / "curves.json", curve_data),
-            *save_figures(curve_data, counts, work),
-        ]
-        for path in report_files:
-            tracking.log_artifact(path, "reports")
 
         onnx_path = work / "model.onnx"
         check_batch = arrays["test"][0][:ONNX_CHECK_IMAGES]
@@ -269,7 +302,9 @@ def train(config: RunConfig) -> TrainingResult:
             "weights_source": weights_source,
             "run_id": run_id,
         }
-        version, promoted, reason = _register_and_promote(config, model_uri, tags)
+        version, promoted, reason = _register_and_promote(
+            config.publish.registered_model_name, config.publish.promote, run_id, model_uri, tags
+        )
         log.info(
             "registered %s v%s; %s: %s",
             config.publish.registered_model_name,
@@ -282,43 +317,31 @@ def train(config: RunConfig) -> TrainingResult:
 
 def evaluate_model(model_uri: str, config: RunConfig) -> dict[str, float]:
     """The `evaluate` stage: a registered version or run's model scored on a dataset folder's test split."""
-    stage_tags = {"cifake.stage": "evaluate", "cifake.model_uri": model_uri}
+    scorer = load_scorer(model_uri)  # a wrong URI is answered before any data is scanned or run opened
     root, name = resolve_dataset(config.data.data_dir)
+    stage_tags = {"cifake.stage": "evaluate", "cifake.model_uri": model_uri}
     with (
         tracking.tracked_run(config.publish.experiment_name, "evaluate", stage_tags),
         tempfile.TemporaryDirectory(prefix="cifake-") as work_dir,
     ):
-        work = Path(work_dir)
-        scorer = tracking.load_pyfunc(model_uri).unwrap_python_model()
-        prepared = prepare(config.data, config.train.num_workers, root, name)
-        _log_prepared(prepared, work)
+        prepared = prepare(root, name, config.data, config.train.num_workers)
+        _log_prepared(prepared, Path(work_dir), context="evaluation")
         images, labels = load_split_arrays(prepared, "test", scorer.image_size, config.train.num_workers)
-        scores = scorer.score_arrays(images)
-        threshold = scorer.resolve_threshold("default")
-        metrics = binary_metrics(labels, scores, threshold, prefix="test")
-        tracking.log_metrics(metrics)
-        counts = confusion(labels, scores, threshold)
-        curve_data = curves(labels, scores)
-        report = {
-            **metrics,
+        details = {
             "model_uri": model_uri,
+            "model_version": scorer.model_version,
             "threshold_name": scorer.default_threshold,
-            "threshold": threshold,
-            "confusion_matrix": counts,
-            "test_images": len(labels),
             "dataset_fingerprint": prepared.fingerprint,
         }
-        for path in [
-            write_json(work / "metrics.json", report),
-            write_json(work / "curves.json", curve_data),
-            *save_figures(curve_data, counts, work),
-        ]:
-            tracking.log_artifact(path, "reports")
-    return metrics
+        return _log_test_reports(
+            Path(work_dir), labels, scorer.score_arrays(images), scorer.resolve_threshold("default"), details
+        )
 
 
 def promote(registered_model_name: str, version: str, experiment_name: str) -> str | None:
     """The `promote` stage: point `production` at `version` (a promotion or a rollback); returns the previous one."""
+    tracking.configure_tracking()
+    tracking.version_info(registered_model_name, version)  # a missing version is refused before a run opens
     with tracking.tracked_run(experiment_name, "promote", {"cifake.stage": "promote"}):
         previous = tracking.alias_version(registered_model_name)
         tracking.set_alias(registered_model_name, version)

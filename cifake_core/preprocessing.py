@@ -50,7 +50,7 @@ def _open(source: ImageSource) -> Image.Image:
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
         raise ImageError(f"image too large: more than {MAX_IMAGE_PIXELS:,} pixels") from error
     except OSError as error:
-        raise ImageError(f"unreadable image: {error}") from error
+        raise ImageError(f"corrupt or truncated image: {error}") from error
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -33,6 +33,7 @@ from cifake_core.pyfunc_model import ONNX_ARTIFACT, THRESHOLDS_ARTIFACT, model_s
 
 PRODUCTION_ALIAS = "production"
 MODEL_ARTIFACT_NAME = "model"
+_NOT_FOUND_CODES = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"}
 _SERVING_PACKAGES = ("mlflow", "onnxruntime", "numpy", "pandas", "pillow")
 log = logging.getLogger(__name__)
 
@@ -58,25 +59,29 @@ def tracked_run(experiment_name: str, run_name: str, tags: dict[str, str] | None
     if not resumed_id:
         mlflow.set_experiment(experiment_name)
     run = mlflow.start_run(run_id=resumed_id or None, run_name=None if resumed_id else run_name, tags=tags)
-    experiment = mlflow.get_experiment(run.info.experiment_id)
-    if experiment.name != experiment_name:
-        log.warning(
-            "this run is in experiment %r, not %r: `mlflow run` chose it; pass --experiment-name %s",
-            experiment.name,
-            experiment_name,
-            experiment_name,
-        )
+    status, error_text = "FINISHED", ""
     try:
+        experiment = mlflow.get_experiment(run.info.experiment_id)
+        if experiment.name != experiment_name:
+            log.warning(
+                "this run is in experiment %r, not %r: `mlflow run` chose it; pass --experiment-name %s",
+                experiment.name,
+                experiment_name,
+                experiment_name,
+            )
         yield run.info.run_id
     except KeyboardInterrupt:
-        mlflow.set_tag("cifake.error", "interrupted (Ctrl-C or SIGTERM)")
-        mlflow.end_run("KILLED")
+        status, error_text = "KILLED", "interrupted (Ctrl-C or SIGTERM)"
         raise
     except BaseException as error:
-        mlflow.set_tag("cifake.error", "".join(traceback.format_exception_only(error)).strip()[:5000])
-        mlflow.end_run("FAILED")
+        status, error_text = "FAILED", "".join(traceback.format_exception_only(error)).strip()[:5000]
         raise
-    mlflow.end_run("FINISHED")
+    finally:
+        try:
+            if error_text:
+                mlflow.set_tag("cifake.error", error_text)
+        finally:  # the status is written even when the tag cannot be
+            mlflow.end_run(status)
 
 
 def log_params(params: dict[str, Any]) -> None:
@@ -120,6 +125,7 @@ def log_pyfunc_model(onnx_path: Path, thresholds_path: Path, input_example: pd.D
         input_example=input_example,
         code_paths=[str(Path(cifake_core.__file__).parent)],
         pip_requirements=_serving_requirements(),
+        model_config={"run_id": mlflow.active_run().info.run_id},
     )
     return info.model_uri
 
@@ -130,8 +136,11 @@ def register_model(model_uri: str, name: str, tags: dict[str, Any]) -> str:
     return str(version.version)
 
 
-def delete_model_version(name: str, version: str) -> None:
-    MlflowClient().delete_model_version(name, version)
+def delete_run_versions(name: str, run_id: str) -> None:
+    """Delete every version of `name` registered from `run_id` (the clean-up after a failed registration)."""
+    client = MlflowClient()
+    for found in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        client.delete_model_version(name, found.version)
 
 
 def version_info(name: str, version: str) -> dict[str, Any]:
@@ -149,11 +158,17 @@ def version_info(name: str, version: str) -> dict[str, Any]:
 
 
 def alias_version(name: str, alias: str = PRODUCTION_ALIAS) -> dict[str, Any] | None:
-    """The version that `alias` points to, or None when the model or the alias does not exist yet."""
+    """The version that `alias` points to, or None when the model or the alias does not exist yet.
+
+    Only "not found" means None: any other failure (a locked database, a server down) is raised, so that
+    `promote=auto` never mistakes an outage for "no production model yet".
+    """
     try:
         found = MlflowClient().get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as error:
+        if error.error_code in _NOT_FOUND_CODES:
+            return None
+        raise
     return version_info(name, str(found.version))
 
 
@@ -162,16 +177,40 @@ def set_alias(name: str, version: str, alias: str = PRODUCTION_ALIAS) -> None:
     MlflowClient().set_registered_model_alias(name, alias, version)
 
 
-def set_version_tags(name: str, version: str, tags: dict[str, Any]) -> None:
-    client = MlflowClient()
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, str(value))
+def registered_version_of(run_id: str) -> str | None:
+    """`NAME/VERSION` of the newest registered version made from `run_id`, or None if there is none or no store."""
+    if not run_id or not (os.environ.get("MLFLOW_TRACKING_URI") or mlflow.is_tracking_uri_set()):
+        return None  # never create a store just to look a model up
+    try:
+        versions = MlflowClient().search_model_versions(f"run_id = '{run_id}'")
+    except MlflowException:
+        return None
+    newest = max(versions, key=lambda found: int(found.version), default=None)
+    return f"{newest.name}/{newest.version}" if newest else None
+
+
+def pin_model_uri(model_uri: str) -> str:
+    """`models:/NAME@ALIAS` as `models:/NAME/VERSION` (the version it points to now); other URIs unchanged."""
+    configure_tracking()
+    if model_uri.startswith("models:/") and "@" in model_uri:
+        name, alias = model_uri.removeprefix("models:/").split("@", 1)
+        found = alias_version(name, alias)
+        if found is None:
+            raise RegistryError(
+                f"{model_uri} points nowhere: registered model {name!r} has no alias {alias!r}. Train one "
+                f"(`mlflow run .`) or set it with `cifake promote --version N`"
+            )
+        return f"models:/{name}/{found['version']}"
+    return model_uri
 
 
 def load_pyfunc(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
+    """The pyfunc model behind a `models:/` or `runs:/` URI; RegistryError naming the URI if there is none."""
     configure_tracking()
-    return mlflow.pyfunc.load_model(model_uri)
-
-
-def download_artifact(run_id: str, path: str, destination: Path) -> Path:
-    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(destination)))
+    try:
+        return mlflow.pyfunc.load_model(model_uri)
+    except (MlflowException, OSError) as error:
+        raise RegistryError(
+            f"cannot load model {model_uri}: {getattr(error, 'message', error)}. Use models:/NAME/VERSION, "
+            "models:/NAME@ALIAS or runs:/RUN_ID/model, and check MLFLOW_TRACKING_URI"
+        ) from error

@@ -19,8 +19,9 @@ def test_binary_metrics_count_each_kind_of_error():
     assert metrics["test_f1"] == pytest.approx(3 / 4)
     assert metrics["test_fpr"] == pytest.approx(1 / 4)
     assert metrics["test_auc"] == pytest.approx(14 / 16)
-    assert set(metrics) == {f"test_{k}" for k in ("auc", "average_precision", "accuracy", "precision", "recall",
-                                                  "f1", "fpr")}
+    assert set(metrics) == {
+        f"test_{k}" for k in ("auc", "average_precision", "accuracy", "precision", "recall", "f1", "fpr")
+    }
 
 
 def test_thresholds_on_separable_scores_split_the_classes():
@@ -67,3 +68,22 @@ def test_curves_are_thinned_and_monotone():
     assert len(roc["fpr"]) <= 200
     assert roc["fpr"][0] == 0.0 and roc["fpr"][-1] == 1.0
     assert all(b >= a for a, b in zip(roc["fpr"], roc["fpr"][1:], strict=False))
+
+
+def test_fpr_1pct_calls_nothing_ai_when_real_images_share_the_top_score():
+    # float32 softmax saturates: here 2 of 50 real images score exactly 1.0, like the best fakes
+    labels = np.array([0] * 50 + [1] * 50)
+    scores = np.concatenate([np.linspace(0.0, 0.5, 48), [1.0, 1.0], np.full(50, 1.0)])
+    chosen = choose_thresholds(labels, scores)
+    assert chosen["fpr_1pct"] > 1.0
+    assert binary_metrics(labels, scores, chosen["fpr_1pct"], "v")["v_fpr"] == 0.0
+
+
+def test_fpr_1pct_uses_every_roc_point_with_tied_scores():
+    labels = np.array([0] * 200 + [1] * 200)
+    scores = np.concatenate([np.repeat(np.linspace(0.0, 0.6, 100), 2), np.repeat(np.linspace(0.55, 1.0, 50), 4)])
+    chosen = choose_thresholds(labels, scores)
+    at_choice = binary_metrics(labels, scores, chosen["fpr_1pct"], "v")
+    assert at_choice["v_fpr"] <= 0.01
+    candidates = [t for t in np.unique(scores) if binary_metrics(labels, scores, t, "v")["v_fpr"] <= 0.01]
+    assert at_choice["v_recall"] == max(binary_metrics(labels, scores, t, "v")["v_recall"] for t in candidates)

@@ -118,3 +118,27 @@ def test_onnx_export_refuses_a_graph_that_disagrees(random_model, tmp_path: Path
     with pytest.raises(OnnxParityError):
         export_onnx(random_model, 32, path, check_batch=_batch(2))
     assert list(tmp_path.iterdir()) == []  # nothing half-written is left behind
+
+
+def test_an_epoch_whose_last_batch_would_hold_one_image_trains(random_model):
+    from cifake_core.engine import train_one_epoch
+
+    model = random_model.train()
+    images, labels = torch.from_numpy(_batch(17)), torch.tensor([0, 1] * 8 + [0])
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+    scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+    metrics = train_one_epoch(
+        model, images, labels, optimizer, scheduler, 16, torch.device("cpu"), torch.Generator().manual_seed(0)
+    )
+    assert metrics["images_per_second"] > 0 and np.isfinite(metrics["train_loss"])
+    random_model.eval()
+
+
+@pytest.mark.gpu
+def test_training_and_export_run_on_cuda(tiny_demo, tracking_store):
+    from cifake_core import pipeline
+    from cifake_core.config import load_config
+
+    config = load_config(None, {"data_dir": str(tiny_demo), "epochs": "1", "batch_size": "16", "device": "cuda"})
+    result = pipeline.train(config)
+    assert result.version == "1" and 0.0 <= result.metrics["test_auc"] <= 1.0

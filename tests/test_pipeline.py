@@ -51,7 +51,7 @@ def _artifact_paths(client: MlflowClient, run_id: str, folder: str = "") -> set[
 
 
 def _versions() -> list[str]:
-    return sorted(v.version for v in MlflowClient().search_model_versions(f"name='{MODEL}'"))
+    return sorted(str(v.version) for v in MlflowClient().search_model_versions(f"name='{MODEL}'"))
 
 
 def _production() -> str | None:
@@ -86,14 +86,39 @@ def test_training_logs_registers_promotes_and_serves(tiny_demo: Path, tracking_s
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["epochs"] == "1" and run.data.params["data_dir"] == str(tiny_demo)
-    expected_metrics = {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_auc", "val_f1",
-                        "learning_rate", "epoch_seconds", "images_per_second", "test_auc", "test_f1",
-                        "test_accuracy", "test_precision", "test_recall", "onnx_max_abs_diff", "best_val_auc"}
+    expected_metrics = {
+        "train_loss",
+        "train_accuracy",
+        "val_loss",
+        "val_accuracy",
+        "val_auc",
+        "val_f1",
+        "learning_rate",
+        "epoch_seconds",
+        "images_per_second",
+        "test_auc",
+        "test_f1",
+        "test_accuracy",
+        "test_precision",
+        "test_recall",
+        "onnx_max_abs_diff",
+        "best_val_auc",
+    }
     assert expected_metrics <= set(run.data.metrics)
     assert [m.step for m in client.get_metric_history(result.run_id, "val_auc")] == [1]
-    expected_artifacts = {"config.yaml", "data/manifest.csv", "data/dataset_summary.json", "reports/metrics.json",
-                          "reports/thresholds.json", "reports/curves.json", "reports/roc.png", "reports/pr.png",
-                          "reports/confusion_matrix.png", "onnx/model.onnx", "checkpoint/best.pt"}
+    expected_artifacts = {
+        "config.yaml",
+        "data/manifest.csv",
+        "data/dataset_summary.json",
+        "reports/metrics.json",
+        "reports/thresholds.json",
+        "reports/curves.json",
+        "reports/roc.png",
+        "reports/pr.png",
+        "reports/confusion_matrix.png",
+        "onnx/model.onnx",
+        "checkpoint/best.pt",
+    }
     assert expected_artifacts <= _artifact_paths(client, result.run_id)
     summary = json.loads(Path(client.download_artifacts(result.run_id, "data/dataset_summary.json")).read_text())
     assert run.inputs.dataset_inputs[0].dataset.digest == summary["fingerprint"]
@@ -105,16 +130,20 @@ def test_training_logs_registers_promotes_and_serves(tiny_demo: Path, tracking_s
     assert _production() == "1"
 
     model = mlflow.pyfunc.load_model(f"models:/{MODEL}@production")
+    assert model.metadata.signature.inputs.input_names() == ["image"]
+    assert model.metadata.saved_input_example_info is not None
     images = [_png_base64((100, 60), (200, 30, 30)), _png_base64((32, 32), (10, 120, 240))]
     answer = model.predict(pd.DataFrame({"image": images}))
     thresholds = json.loads(Path(client.download_artifacts(result.run_id, "reports/thresholds.json")).read_text())
     default_value = thresholds["thresholds"][thresholds["default"]]["value"]
-    assert list(answer.columns) == ["prob_ai", "label", "threshold", "error"]
+    assert list(answer.columns) == ["prob_ai", "label", "threshold", "error", "model_version"]
+    assert set(answer["model_version"]) == {f"{MODEL}/1"}
     assert answer["threshold"].tolist() == [default_value, default_value]
     assert set(answer["label"]) <= {"ai", "real"} and (answer["error"] == "").all()
     onnx_path = client.download_artifacts(result.run_id, "onnx/model.onnx")
     direct = onnx_session(Path(onnx_path)).run(
-        [OUTPUT_NAME], {INPUT_NAME: np.stack([preprocess_image(base64.b64decode(i), 32) for i in images])})[0]
+        [OUTPUT_NAME], {INPUT_NAME: np.stack([preprocess_image(base64.b64decode(i), 32) for i in images])}
+    )[0]
     np.testing.assert_allclose(answer["prob_ai"].to_numpy(), direct, atol=1e-6)
     strict = model.predict(pd.DataFrame({"image": images}), params={"threshold": "fpr_1pct"})
     assert strict["threshold"].iloc[0] == thresholds["thresholds"]["fpr_1pct"]["value"]
@@ -171,11 +200,41 @@ def test_a_failure_after_registration_deletes_the_new_version(tiny_demo: Path, t
     assert run.info.status == "FAILED"
 
 
+@pytest.mark.slow
+def test_a_failure_after_promotion_puts_production_back(tiny_demo: Path, tracking_store: str, monkeypatch):
+    assert pipeline.train(_config(tiny_demo)).version == "1"
+    real_set_tags = pipeline.tracking.set_tags
+
+    def failing_set_tags(tags):
+        if "cifake.registered_version" in tags:
+            raise RuntimeError("tracking server went away")
+        real_set_tags(tags)
+
+    monkeypatch.setattr(pipeline.tracking, "set_tags", failing_set_tags)
+    with pytest.raises(RuntimeError, match="went away"):
+        pipeline.train(_config(tiny_demo, promote="always"))
+    assert _versions() == ["1"] and _production() == "1"
+
+
+def test_evaluating_a_missing_model_is_one_clear_line_and_starts_no_run(tracking_store: str, capsys):
+    assert main(["evaluate", "--model_uri", "models:/cifake-detector/9", "--num_workers", "0"]) == 2
+    assert "cannot load model models:/cifake-detector/9" in capsys.readouterr().err
+    assert mlflow.get_experiment_by_name("cifake") is None
+
+
+def test_a_dataset_archive_as_data_dir_says_to_unpack_it(tmp_path: Path, tracking_store: str, capsys):
+    archive = tmp_path / "cifake.tar.gz"
+    archive.write_bytes(b"not really an archive")
+    assert main(["train", "--data_dir", str(archive)]) == 2
+    assert "is a file, not a folder: unpack it first" in capsys.readouterr().err
+
+
 def test_a_missing_data_dir_is_one_clear_line_and_starts_no_run(tmp_path: Path, tracking_store: str, capsys):
     assert main(["train", "--data_dir", str(tmp_path / "nowhere"), "--num_workers", "0"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert mlflow.get_experiment_by_name("cifake") is None or not MlflowClient().search_runs(
-        [mlflow.get_experiment_by_name("cifake").experiment_id])
+        [mlflow.get_experiment_by_name("cifake").experiment_id]
+    )
 
 
 def test_promoting_a_missing_version_is_a_clear_error(tracking_store: str, capsys):
@@ -192,10 +251,23 @@ def _subprocess_env(tracking_store: str) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_sigterm_mid_training_ends_the_run_killed(tiny_demo: Path, tracking_store: str):
-    command = [sys.executable, "-m", "cifake_core.cli", "train", "--data_dir", str(tiny_demo), "--epochs", "500",
-               "--batch_size", "16", "--num_workers", "0"]
-    process = subprocess.Popen(command, env=_subprocess_env(tracking_store), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "cifake_core.cli",
+        "train",
+        "--data_dir",
+        str(tiny_demo),
+        "--epochs",
+        "500",
+        "--batch_size",
+        "16",
+        "--num_workers",
+        "0",
+    ]
+    process = subprocess.Popen(
+        command, env=_subprocess_env(tracking_store), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and process.poll() is None:
@@ -215,11 +287,28 @@ def test_sigterm_mid_training_ends_the_run_killed(tiny_demo: Path, tracking_stor
 
 @pytest.mark.slow
 def test_mlflow_run_of_the_project_trains_registers_and_promotes(tiny_demo: Path, tracking_store: str):
-    command = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local", "--experiment-name",
-               "cifake", "-P", "epochs=1", "-P", f"data_dir={tiny_demo}", "-P", "batch_size=16",
-               "-P", "num_workers=0"]
-    completed = subprocess.run(command, env=_subprocess_env(tracking_store), capture_output=True, text=True,
-                               timeout=600)
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "run",
+        str(ROOT),
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        "cifake",
+        "-P",
+        "epochs=1",
+        "-P",
+        f"data_dir={tiny_demo}",
+        "-P",
+        "batch_size=16",
+        "-P",
+        "num_workers=0",
+    ]
+    completed = subprocess.run(
+        command, env=_subprocess_env(tracking_store), capture_output=True, text=True, timeout=600
+    )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("cifake").experiment_id])
     assert run.info.status == "FINISHED"
