@@ -11,7 +11,8 @@ Usage:
     cifake evaluate --model_uri models:/cifake-detector@production --data_dir /data/cifake
     cifake promote --version 3
     cifake serve --port 5001
-    cifake predict photos/ --output results.csv
+    cifake predict photos/ --output results.csv --explain gradcam/
+    cifake dashboard --port 8501
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from cifake_core.config import FIELD_TYPES, FIELDS, RunConfig, load_config
 from cifake_core.errors import CifakeError, ConfigError
 
 DEFAULT_MODEL_URI = "models:/cifake-detector@production"
-_EVALUATE_FIELDS = ("data_dir", "max_test_per_class", "seed", "num_workers", "experiment_name")
+_EVALUATE_FIELDS = ("data_dir", "max_test_per_class", "seed", "num_workers", "experiment_name", "eval_dirs")
 _PROMOTE_FIELDS = ("registered_model_name", "experiment_name")
 
 
@@ -93,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model_uri", default=DEFAULT_MODEL_URI, help="model to use")
     predict.add_argument("--threshold", default="default", help="a name from thresholds.json or a number in [0, 1]")
     predict.add_argument("--output", type=Path, default=None, help="results.csv or results.jsonl (default: a table)")
+    predict.add_argument(
+        "--explain", type=Path, default=None, metavar="DIR", help="write a Grad-CAM overlay of each image to DIR"
+    )
+
+    dashboard = stages.add_parser("dashboard", help="open the Streamlit dashboard: runs, models, classify")
+    dashboard.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    dashboard.add_argument("--port", type=_port, default=8501, help="TCP port")
     return parser
 
 
@@ -117,6 +125,8 @@ def _run(arguments: argparse.Namespace) -> int | None:
         return _serve(arguments)
     if arguments.stage == "predict":
         return _predict(arguments)
+    if arguments.stage == "dashboard":
+        return _dashboard(arguments)
     config = None if arguments.stage == "data" and arguments.action == "download" else _config_from(arguments)
     # Imported after the config is checked, so a mistyped flag is answered without loading torch and MLflow.
     from cifake_core import pipeline
@@ -185,19 +195,54 @@ def _serve(arguments: argparse.Namespace) -> int:
 
 
 def _predict(arguments: argparse.Namespace) -> int:
-    from cifake_core.predict import check_output, collect_images, load_scorer, predict_files, write_results
+    from cifake_core.predict import (
+        check_explain_folder,
+        check_output,
+        collect_images,
+        explain_results,
+        load_scorer,
+        predict_files,
+        write_results,
+    )
 
     check_output(arguments.output)
+    check_explain_folder(arguments.explain)
     files = collect_images(arguments.paths)
-    results = predict_files(files, load_scorer(arguments.model_uri), arguments.threshold)
+    scorer = load_scorer(arguments.model_uri)
+    results = predict_files(files, scorer, arguments.threshold)
+    if arguments.explain:
+        results = explain_results(results, arguments.model_uri, scorer.image_size, arguments.explain)
     write_results(results, arguments.output)
     failed = int((results["error"] != "").sum())
     print(
         f"{len(results) - failed} classified, {failed} failed"
-        + (f"; results in {arguments.output}" if arguments.output else ""),
+        + (f"; results in {arguments.output}" if arguments.output else "")
+        + (f"; Grad-CAM overlays in {arguments.explain}" if arguments.explain else ""),
         file=sys.stderr,
     )
     return 1 if failed else 0
+
+
+def _dashboard(arguments: argparse.Namespace) -> int:
+    app = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
+    if not app.is_file():
+        raise CifakeError(f"{app} is missing: the dashboard runs from a source checkout (`pip install -e .` in it)")
+    command = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(app),
+        "--server.address",
+        arguments.host,
+        "--server.port",
+        str(arguments.port),
+        "--browser.gatherUsageStats",
+        "false",
+        "--client.toolbarMode",
+        "minimal",
+    ]
+    os.execv(sys.executable, command)  # Streamlit takes over this process, and so its signals
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Typed, validated configuration for every cifake stage.
 
-One frozen dataclass per concern (data, model, training, publishing), built in three layers: the defaults
+One frozen dataclass per concern (data, model, training, evaluation, publishing), built in three layers: the defaults
 here, then a flat YAML file from `experiments/`, then command-line flags. Every field name is also the CLI
 flag and the MLproject parameter, so the three can never disagree. Values are validated once, here; code
 further down takes the typed fields it needs and never re-checks them.
@@ -22,11 +22,13 @@ from typing import Any
 
 import yaml
 
+from cifake_core import FOLDER_FOR_CLASS
 from cifake_core.errors import ConfigError
 
 THRESHOLD_NAMES = ("0.5", "f1", "youden", "fpr_1pct")
 PROMOTE_CHOICES = ("auto", "always", "never")
 PRETRAINED_CHOICES = ("auto", "true", "false")
+AUGMENT_CHOICES = ("true", "false")
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -58,6 +60,22 @@ class TrainConfig:
     weight_decay: float = field(default=0.05, metadata=_help("AdamW weight decay"))
     device: str = field(default="auto", metadata=_help("auto|cpu|cuda|cuda:N|mps"))
     num_workers: int = field(default=2, metadata=_help("processes that decode images; 0 = in-process"))
+    augment: str = field(
+        default="false", metadata=_help("train on degraded copies too (down/up-scale, blur, noise, crop): true|false")
+    )
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    eval_dirs: str = field(
+        default="",
+        metadata=_help("extra test sets, comma-separated folders holding test/FAKE and test/REAL, or FAKE and REAL"),
+    )
+
+    @property
+    def folders(self) -> dict[str, Path]:
+        """Each extra test set's folder holding FAKE/ and REAL/, by its metric name (`eval_dir_name`), in order."""
+        return {eval_dir_name(item): eval_dir_classes(item) for item in eval_dir_items(self.eval_dirs)}
 
 
 @dataclass(frozen=True)
@@ -75,11 +93,34 @@ class RunConfig:
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    evaluation: EvalConfig = EvalConfig()
     publish: PublishConfig = PublishConfig()
 
     def flat(self) -> dict[str, Any]:
         """All fields as one flat mapping, as logged to MLflow and written to `config.yaml`."""
         return {name: getattr(getattr(self, section), name) for name, (section, _) in FIELDS.items()}
+
+
+def eval_dir_items(eval_dirs: str) -> list[str]:
+    """The folders named in an `eval_dirs` value: comma-separated, blanks around each ignored."""
+    return [item.strip() for item in eval_dirs.split(",") if item.strip()]
+
+
+def eval_dir_classes(folder: str | Path) -> Path | None:
+    """The folder holding an extra test set's FAKE/ and REAL/: `folder/test` (the CIFAKE layout) or `folder`."""
+    folder = Path(folder).expanduser()
+    for candidate in (folder / "test", folder):
+        if all((candidate / name).is_dir() for name in FOLDER_FOR_CLASS.values()):
+            return candidate
+    return None
+
+
+def eval_dir_name(folder: str | Path) -> str:
+    """A folder's name as a metric-key part (`eval_<name>_auc`): `/data/SDXL v1/` -> `sdxl_v1`; a folder named
+    `test` is named after its parent, since `/data/sdxl/test` is the sdxl test set."""
+    folder = Path(folder).expanduser().resolve()
+    name = folder.parent.name if folder.name.lower() == "test" else folder.name
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
 def _collect_fields() -> tuple[dict[str, tuple[str, dataclasses.Field]], dict[str, type]]:
@@ -139,6 +180,7 @@ def _check(values: dict[str, Any]) -> None:
         ("weight_decay", 0.0 <= values["weight_decay"] < 1.0, "between 0 and 1"),
         ("device", bool(_DEVICE_PATTERN.match(values["device"])), "auto, cpu, cuda, cuda:N or mps"),
         ("num_workers", values["num_workers"] >= 0, "0 or a positive number of processes"),
+        ("augment", values["augment"] in AUGMENT_CHOICES, "one of " + "|".join(AUGMENT_CHOICES)),
         ("experiment_name", bool(values["experiment_name"]), "a non-empty MLflow experiment name"),
         ("registered_model_name", bool(values["registered_model_name"]), "a non-empty registered model name"),
         ("promote", values["promote"] in PROMOTE_CHOICES, "one of " + "|".join(PROMOTE_CHOICES)),
@@ -148,8 +190,31 @@ def _check(values: dict[str, Any]) -> None:
     weights = values["pretrained_weights"]
     if weights and not Path(weights).expanduser().is_file():
         problems.append(f"pretrained_weights must be an existing weights file, got {weights!r}")
+    problems.extend(_eval_dir_problems(values["eval_dirs"]))
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def _eval_dir_problems(eval_dirs: str) -> list[str]:
+    problems: list[str] = []
+    seen: dict[str, str] = {}
+    for item in eval_dir_items(eval_dirs):
+        name = eval_dir_name(item)
+        if not Path(item).expanduser().is_dir():
+            problems.append(f"eval_dirs: {item!r} is not a folder; pass existing folders, separated by commas")
+        elif eval_dir_classes(item) is None:
+            problems.append(
+                f"eval_dirs: {item!r} holds neither test/FAKE and test/REAL nor FAKE and REAL; put its AI-generated "
+                "images in FAKE/ and its photographs in REAL/"
+            )
+        elif not name or name == "test":
+            problems.append(f"eval_dirs: {item!r} gives no usable name for its metrics: rename the folder")
+        elif name in seen:
+            problems.append(
+                f"eval_dirs: {seen[name]!r} and {item!r} would both log as eval_{name}_*: rename one of the folders"
+            )
+        seen.setdefault(name, item)
+    return problems
 
 
 def _unknown_key_error(key: str, origin: str) -> ConfigError:

@@ -1,8 +1,13 @@
 """The training step and evaluation, over uint8 image tensors held in memory (on the device when it is a GPU).
 
 `train_one_epoch` and `evaluate` return flat `dict[str, float]` with fixed prefixed keys (`train_loss`,
-`val_auc`, ...), ready to log as metrics. Augmentation (a random horizontal flip) runs on tensors on the
-device, so the input pipeline never decodes a file during training.
+`val_auc`, ...), ready to log as metrics. Augmentation runs on tensors on the device, so the input pipeline
+never decodes a file during training: always a random horizontal flip; with `augment`, also degradations
+like those of the robustness report (`robustness.py`): each image, with probability AUGMENT_PROBABILITY,
+is down- and up-scaled, blurred, noised or cropped and resized, at a random strength. JPEG re-encoding is
+not among them: it has no cheap tensor op on every device. Its effects are partly covered (blur and
+rescaling remove the high frequencies it quantises away, noise adds error) but not its 8x8 block grid, so
+the robustness report's JPEG rows measure how far that approximation carries.
 
 Usage:
     device = resolve_device("auto")
@@ -13,15 +18,24 @@ Usage:
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.v2.functional import gaussian_blur
 from tqdm.auto import tqdm
 
 from cifake_core.errors import DeviceError
 from cifake_core.metrics import binary_metrics
+
+AUGMENT_PROBABILITY = 0.5
+# Strength ranges, drawn per batch (per image for noise), around the robustness report's fixed settings.
+RESCALE_RANGE = (0.4, 0.8)
+BLUR_SIGMA_RANGE = (0.5, 1.5)
+NOISE_SIGMA_RANGE = (2.0, 12.0)
+CROP_FRACTION_RANGE = (0.7, 0.95)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -52,6 +66,40 @@ def _random_flip(batch: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     return torch.where(flip.to(batch.device).view(-1, 1, 1, 1), batch.flip(-1), batch)
 
 
+def _uniform(bounds: tuple[float, float], generator: torch.Generator, count: int = 1) -> torch.Tensor:
+    low, high = bounds
+    return low + (high - low) * torch.rand(count, generator=generator)
+
+
+def degrade(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each uint8 image, with probability AUGMENT_PROBABILITY, rescaled down and up, blurred, noised, or cropped and
+    resized back (one of the four, equally likely); the rest unchanged. All randomness comes from `generator`."""
+    count, _, height, width = batch.shape
+    images = batch.float()
+    factor = float(_uniform(RESCALE_RANGE, generator))
+    smaller = F.interpolate(
+        images, size=(max(1, round(height * factor)), max(1, round(width * factor))), mode="bilinear", antialias=True
+    )
+    rescaled = F.interpolate(smaller, size=(height, width), mode="bilinear")
+    sigma = float(_uniform(BLUR_SIGMA_RANGE, generator))
+    blurred = gaussian_blur(images, kernel_size=[2 * math.ceil(3 * sigma) + 1] * 2, sigma=[sigma, sigma])
+    noise_sigma = _uniform(NOISE_SIGMA_RANGE, generator, count).view(-1, 1, 1, 1)
+    noised = images + noise_sigma.to(batch.device) * torch.randn(batch.shape, generator=generator).to(batch.device)
+    fraction = float(_uniform(CROP_FRACTION_RANGE, generator))
+    crop_height, crop_width = max(1, round(height * fraction)), max(1, round(width * fraction))
+    top = int(torch.randint(0, height - crop_height + 1, (1,), generator=generator))
+    left = int(torch.randint(0, width - crop_width + 1, (1,), generator=generator))
+    cropped = F.interpolate(
+        images[:, :, top : top + crop_height, left : left + crop_width], size=(height, width), mode="bilinear"
+    )
+    # Choice 0 keeps the image; 1-4 pick one degradation.
+    kept = torch.rand(count, generator=generator) >= AUGMENT_PROBABILITY
+    choice = torch.where(kept, 0, torch.randint(1, 5, (count,), generator=generator)).to(batch.device)
+    candidates = torch.stack([images, rescaled, blurred, noised, cropped])
+    chosen = candidates[choice, torch.arange(count, device=batch.device)]
+    return chosen.round().clamp(0, 255).to(torch.uint8)
+
+
 def train_one_epoch(
     model: torch.nn.Module,
     images: torch.Tensor,
@@ -62,8 +110,10 @@ def train_one_epoch(
     device: torch.device,
     generator: torch.Generator,
     description: str = "train",
+    augment: bool = False,
 ) -> dict[str, float]:
-    """One pass over the training images in a seeded random order: loss, accuracy, learning rate and speed."""
+    """One pass over the training images in a seeded random order: loss, accuracy, learning rate and speed.
+    `augment` adds the `degrade` augmentations to the random flip."""
     model.train()
     started = time.perf_counter()
     order = torch.randperm(len(images), generator=generator).to(images.device)
@@ -73,6 +123,8 @@ def train_one_epoch(
     for start in tqdm(starts, desc=description, unit="batch", leave=False, disable=None):
         index = order[start : start + batch_size]
         batch = _random_flip(images[index].to(device, non_blocking=True), generator)
+        if augment:
+            batch = degrade(batch, generator)
         targets = labels[index].to(device, non_blocking=True)
         logits = model(batch)
         loss = F.cross_entropy(logits, targets)

@@ -1,11 +1,13 @@
 """Export the detector to one self-contained ONNX file and prove it matches PyTorch.
 
 The graph takes `image`, uint8 (batch, 3, size, size) as `preprocessing` makes it, with a dynamic batch
-dimension, and returns `prob_ai` (batch,): normalisation and softmax are inside, so any runtime that feeds
-it preprocessed images gets the same scores as training did.
+dimension, and returns `prob_ai` (batch,): normalisation, the calibration temperature (`calibration.py`)
+and softmax are inside, so any runtime that feeds it preprocessed images (the pyfunc model, REST serving,
+`cifake predict`, the dashboard) gets the same calibrated scores as the training run reported.
 
 Usage:
-    report = export_onnx(model, image_size=32, path=Path("model.onnx"), check_batch=test_images[:16])
+    report = export_onnx(model, image_size=32, path=Path("model.onnx"), check_batch=test_images[:16],
+                         temperature=1.3)
     report["onnx_max_abs_diff"]  # largest |onnxruntime - torch| over check_batch
 """
 
@@ -30,17 +32,21 @@ class OnnxParityError(RuntimeError):
 
 
 class _ProbabilityModel(torch.nn.Module):
-    def __init__(self, classifier: torch.nn.Module):
+    def __init__(self, classifier: torch.nn.Module, temperature: float):
         super().__init__()
         self.classifier = classifier
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return prob_ai(self.classifier(image))
+        return prob_ai(self.classifier(image) / self.temperature)
 
 
-def export_onnx(model: torch.nn.Module, image_size: int, path: Path, check_batch: np.ndarray) -> dict[str, float]:
-    """Write `path` atomically after onnx.checker and an onnxruntime-vs-PyTorch check on `check_batch`."""
-    wrapped = _ProbabilityModel(model).cpu().eval()
+def export_onnx(
+    model: torch.nn.Module, image_size: int, path: Path, check_batch: np.ndarray, temperature: float = 1.0
+) -> dict[str, float]:
+    """Write `path` atomically after onnx.checker and an onnxruntime-vs-PyTorch check on `check_batch`; the graph
+    divides the logits by `temperature` (1.0: uncalibrated) before the softmax."""
+    wrapped = _ProbabilityModel(model, temperature).cpu().eval()
     example = torch.zeros(2, 3, image_size, image_size, dtype=torch.uint8)
     with atomic_path(path) as temporary:
         torch.onnx.export(

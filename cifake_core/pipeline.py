@@ -1,7 +1,8 @@
 """The cifake stages, each one tracked MLflow run: prepare data, train, evaluate, promote.
 
 `train` reads top to bottom: splits -> arrays -> model -> epochs (best val AUC kept as a self-describing
-checkpoint) -> test figures and thresholds -> ONNX export -> pyfunc model -> registered version -> promotion.
+checkpoint) -> temperature fitted on val -> thresholds on calibrated val scores -> test figures -> ONNX
+export (temperature inside) -> pyfunc model -> robustness report -> registered version -> promotion.
 A failure at any point ends the run FAILED (KILLED on Ctrl-C) and deletes a version it had registered.
 
 Usage:
@@ -27,7 +28,8 @@ import torch
 import yaml
 from PIL import Image
 
-from cifake_core import tracking
+from cifake_core import CLASS_NAMES, tracking
+from cifake_core.calibration import calibration_report, expected_calibration_error, fit_temperature
 from cifake_core.config import DataConfig, RunConfig, TrainConfig
 from cifake_core.data import PreparedData, find_dataset_root, load_split_arrays, prepare_splits, write_split_files
 from cifake_core.demo import DEMO_VERSION, ensure_demo_dataset
@@ -38,7 +40,8 @@ from cifake_core.models import create_model, load_checkpoint, save_checkpoint
 from cifake_core.onnx_export import export_onnx
 from cifake_core.predict import load_scorer
 from cifake_core.pyfunc_model import INPUT_COLUMN
-from cifake_core.reports import save_figures, write_json
+from cifake_core.reports import save_figures, save_reliability_diagram, save_robustness_figure, write_json
+from cifake_core.robustness import TEST_SET, Scorer, labelled_images, robustness_report
 
 ONNX_CHECK_IMAGES = 32
 EVAL_BATCH_SIZE = 512
@@ -168,6 +171,7 @@ def _train_epochs(
             device,
             generator,
             description=f"epoch {epoch}/{train.epochs}",
+            augment=train.augment == "true",
         )
         metrics |= evaluate(model, *splits["val"], EVAL_BATCH_SIZE, device, prefix="val")
         tracking.log_metrics(metrics, step=epoch)
@@ -188,9 +192,33 @@ def _train_epochs(
     return best
 
 
-def _scores(model: torch.nn.Module, split: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> tuple:
+def _logits(
+    model: torch.nn.Module, split: tuple[torch.Tensor, torch.Tensor], device: torch.device
+) -> tuple[np.ndarray, torch.Tensor]:
     images, labels = split
-    return labels.cpu().numpy(), prob_ai(predict_logits(model, images, EVAL_BATCH_SIZE, device)).numpy()
+    return labels.cpu().numpy(), predict_logits(model, images, EVAL_BATCH_SIZE, device)
+
+
+def _calibrate(
+    work: Path, val: tuple[np.ndarray, torch.Tensor], test: tuple[np.ndarray, torch.Tensor]
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """The temperature fitted on val logits, and calibrated val and test prob_ai; logs the temperature, test ECE
+    before and after, `calibration.json` and the reliability diagram."""
+    (val_labels, val_logits), (test_labels, test_logits) = val, test
+    temperature = fit_temperature(val_logits.numpy(), val_labels)
+    val_scores = prob_ai(val_logits / temperature).numpy()
+    test_scores = prob_ai(test_logits / temperature).numpy()
+    report = calibration_report(test_labels, prob_ai(test_logits).numpy(), test_scores, temperature)
+    tracking.log_metrics(
+        {"temperature": temperature, "test_ece_uncalibrated": report["ece_before"], "test_ece": report["ece_after"]}
+    )
+    for path in [
+        write_json(work / "calibration.json", report),
+        save_reliability_diagram(report, work / "reliability.png"),
+    ]:
+        tracking.log_artifact(path, "reports")
+    log.info("temperature %.3f: test ECE %.4f -> %.4f", temperature, report["ece_before"], report["ece_after"])
+    return temperature, val_scores, test_scores
 
 
 def _log_test_reports(
@@ -209,6 +237,43 @@ def _log_test_reports(
     ]:
         tracking.log_artifact(path, "reports")
     return metrics
+
+
+def _test_files(prepared: PreparedData) -> tuple[list[Path], np.ndarray]:
+    rows = prepared.manifest[prepared.manifest.split == "test"]
+    return [prepared.root / path for path in rows.path], (rows.label.to_numpy() == CLASS_NAMES[1]).astype(np.int64)
+
+
+def _log_robustness(
+    work: Path,
+    prepared: PreparedData,
+    eval_folders: dict[str, Path],
+    score: Scorer,
+    image_size: int,
+    threshold_name: str,
+    threshold: float,
+    num_workers: int,
+) -> dict[str, float]:
+    """The robustness report on the test split and on each `eval_dirs` set at the default threshold: its metrics,
+    `robustness.json` and `robustness.png`."""
+    datasets = {TEST_SET: _test_files(prepared)} | {name: labelled_images(path) for name, path in eval_folders.items()}
+    metrics, report = robustness_report(datasets, score, image_size, threshold, num_workers)
+    tracking.log_metrics(metrics)
+    report = {**report, "threshold_name": threshold_name, "dataset_fingerprint": prepared.fingerprint}
+    for path in [write_json(work / "robustness.json", report), save_robustness_figure(report, work / "robustness.png")]:
+        tracking.log_artifact(path, "reports")
+    return metrics
+
+
+def _robustness_scorer(model_uri: str, model: torch.nn.Module, temperature: float, device: torch.device) -> Scorer:
+    """prob_ai of a uint8 batch as the registered model will give it."""
+    if device.type == "cpu":
+        # The logged pyfunc model itself: onnxruntime runs this network about 3x faster than eager PyTorch on a CPU.
+        return load_scorer(model_uri).score_arrays
+    model = model.to(device)
+    return lambda images: prob_ai(
+        predict_logits(model, torch.from_numpy(images), EVAL_BATCH_SIZE, device) / temperature
+    ).numpy()
 
 
 def _register_and_promote(
@@ -267,35 +332,49 @@ def train(config: RunConfig) -> TrainingResult:
         model, _ = load_checkpoint(checkpoint, device)
         tracking.log_metrics({"best_epoch": best["epoch"], "best_val_auc": best["val_auc"]})
 
-        val_labels, val_scores = _scores(model, splits["val"], device)
-        test_labels, test_scores = _scores(model, splits["test"], device)
+        val_labels, val_logits = _logits(model, splits["val"], device)
+        test_labels, test_logits = _logits(model, splits["test"], device)
+        temperature, val_scores, test_scores = _calibrate(work, (val_labels, val_logits), (test_labels, test_logits))
         default = config.publish.default_threshold
         thresholds = threshold_report(val_labels, val_scores, test_labels, test_scores, default)
         tracking.log_artifact(write_json(work / "thresholds.json", thresholds), "reports")
+        threshold = thresholds["thresholds"][default]["value"]
         test_metrics = _log_test_reports(
             work,
             test_labels,
             test_scores,
-            thresholds["thresholds"][default]["value"],
+            threshold,
             {
                 "threshold_name": default,
                 "best_epoch": int(best["epoch"]),
                 "best_val_auc": best["val_auc"],
+                "temperature": temperature,
                 "dataset_fingerprint": prepared.fingerprint,
             },
         )
 
         onnx_path = work / "model.onnx"
         check_batch = arrays["test"][0][:ONNX_CHECK_IMAGES]
-        tracking.log_metrics(export_onnx(model.cpu(), config.model.image_size, onnx_path, check_batch))
+        tracking.log_metrics(export_onnx(model.cpu(), config.model.image_size, onnx_path, check_batch, temperature))
         tracking.log_artifact(onnx_path, "onnx")
         tracking.log_artifact(checkpoint, "checkpoint")
         example = pd.DataFrame({INPUT_COLUMN: [_png_base64(image) for image in check_batch[:2]]})
         model_uri = tracking.log_pyfunc_model(onnx_path, work / "thresholds.json", example)
+        robust_metrics = _log_robustness(
+            work,
+            prepared,
+            config.evaluation.folders,
+            _robustness_scorer(model_uri, model, temperature, device),
+            config.model.image_size,
+            default,
+            threshold,
+            config.train.num_workers,
+        )
 
         tags = {
             "val_auc": best["val_auc"],
             "test_auc": test_metrics["test_auc"],
+            "temperature": temperature,
             "dataset_fingerprint": prepared.fingerprint,
             "dataset": prepared.summary["dataset"],
             "image_size": config.model.image_size,
@@ -312,11 +391,13 @@ def train(config: RunConfig) -> TrainingResult:
             "promoted to production" if promoted else "not promoted",
             reason,
         )
-    return TrainingResult(run_id, version, promoted, reason, {**test_metrics, "best_val_auc": best["val_auc"]})
+    summary = {**test_metrics, "best_val_auc": best["val_auc"], "temperature": temperature, **robust_metrics}
+    return TrainingResult(run_id, version, promoted, reason, summary)
 
 
 def evaluate_model(model_uri: str, config: RunConfig) -> dict[str, float]:
-    """The `evaluate` stage: a registered version or run's model scored on a dataset folder's test split."""
+    """The `evaluate` stage: a registered version or run's model scored on a dataset folder's test split, with
+    its calibration (ECE) and the robustness report there and on each `eval_dirs` set."""
     scorer = load_scorer(model_uri)  # a wrong URI is answered before any data is scanned or run opened
     root, name = resolve_dataset(config.data.data_dir)
     stage_tags = {"cifake.stage": "evaluate", "cifake.model_uri": model_uri}
@@ -327,14 +408,26 @@ def evaluate_model(model_uri: str, config: RunConfig) -> dict[str, float]:
         prepared = prepare(root, name, config.data, config.train.num_workers)
         _log_prepared(prepared, Path(work_dir), context="evaluation")
         images, labels = load_split_arrays(prepared, "test", scorer.image_size, config.train.num_workers)
+        scores = scorer.score_arrays(images)
+        threshold = scorer.resolve_threshold("default")
         details = {
             "model_uri": model_uri,
             "model_version": scorer.model_version,
             "threshold_name": scorer.default_threshold,
             "dataset_fingerprint": prepared.fingerprint,
         }
-        return _log_test_reports(
-            Path(work_dir), labels, scorer.score_arrays(images), scorer.resolve_threshold("default"), details
+        metrics = _log_test_reports(Path(work_dir), labels, scores, threshold, details)
+        metrics["test_ece"] = expected_calibration_error(labels, scores)
+        tracking.log_metrics({"test_ece": metrics["test_ece"]})
+        return metrics | _log_robustness(
+            Path(work_dir),
+            prepared,
+            config.evaluation.folders,
+            scorer.score_arrays,
+            scorer.image_size,
+            scorer.default_threshold,
+            threshold,
+            config.train.num_workers,
         )
 
 

@@ -2,17 +2,20 @@
 
 Folders are searched recursively for png, jpg, jpeg, webp, bmp, gif and tiff files. A file that cannot be
 read or decoded gets its own row with the reason and never stops the run. Results go to the terminal as a
-table, or to `.csv` / `.jsonl`.
+table, or to `.csv` / `.jsonl`. With `--explain DIR`, a Grad-CAM overlay of each classified image is written
+there (`explain.py`, from the PyTorch checkpoint of the model's run: the only step that needs torch).
 
 Usage:
     scorer = load_scorer("models:/cifake-detector@production")
     results = predict_files(collect_images([Path("photos")]), scorer, threshold="default")
+    results = explain_results(results, "models:/cifake-detector@production", scorer.image_size, Path("why"))
     write_results(results, Path("results.csv"))
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -90,3 +93,27 @@ def check_output(output: Path | None) -> None:
         raise PredictInputError(f"--output must end in {' or '.join(OUTPUT_FORMATS)}, got {output}")
     if not output.parent.is_dir():
         raise PredictInputError(f"--output folder {output.parent} does not exist")
+
+
+def check_explain_folder(folder: Path | None) -> None:
+    """Refuse, before any image is classified, an --explain folder that cannot hold the overlays; create it."""
+    if folder is None:
+        return
+    if folder.exists() and not folder.is_dir():
+        raise PredictInputError(f"--explain {folder} is a file: pass a folder for the overlays")
+    folder.mkdir(parents=True, exist_ok=True)
+
+
+def explain_results(results: pd.DataFrame, model_uri: str, image_size: int, folder: Path) -> pd.DataFrame:
+    """The results with a column `explanation`: the Grad-CAM overlay written in `folder` for each classified
+    image (empty for rows that failed), made with the checkpoint of `model_uri`'s run."""
+    from cifake_core.explain import write_explanations  # torch is loaded only when explanations are asked for
+    from cifake_core.models import load_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="cifake-checkpoint-") as download:
+        model, _ = load_checkpoint(tracking.download_checkpoint(model_uri, Path(download)))
+    classified = (results["error"] == "").to_numpy()
+    written = write_explanations(model, [Path(path) for path in results["path"][classified]], image_size, folder)
+    explanations = pd.Series("", index=results.index, dtype=object)
+    explanations[classified] = [str(path) if path else "" for path in written]
+    return results.assign(explanation=explanations)

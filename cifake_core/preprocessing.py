@@ -89,12 +89,16 @@ def load_rgb(source: ImageSource) -> Image.Image:
         raise ImageError(f"corrupt or truncated image: {error}") from error
 
 
+def centre_square(width: int, height: int) -> tuple[int, int, int]:
+    """(left, top, side) of the centred square that the model sees of a width x height image."""
+    side = min(width, height)
+    return (width - side) // 2, (height - side) // 2, side
+
+
 def to_model_array(image: Image.Image, image_size: int) -> np.ndarray:
     """An RGB image as the model's uint8 (3, image_size, image_size) input: centre square crop, bilinear resize."""
-    width, height = image.size
-    side = min(width, height)
-    if side != max(width, height):
-        left, top = (width - side) // 2, (height - side) // 2
+    left, top, side = centre_square(*image.size)
+    if image.size != (side, side):
         image = image.crop((left, top, left + side, top + side))
     if side != image_size:
         image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)

@@ -13,11 +13,13 @@ Usage:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import tempfile
 import traceback
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from importlib.metadata import version as installed_version
 from pathlib import Path
 from typing import Any
@@ -214,3 +216,117 @@ def load_pyfunc(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
             f"cannot load model {model_uri}: {getattr(error, 'message', error)}. Use models:/NAME/VERSION, "
             "models:/NAME@ALIAS or runs:/RUN_ID/model, and check MLFLOW_TRACKING_URI"
         ) from error
+
+
+def _run_record(run: mlflow.entities.Run) -> dict[str, Any]:
+    return {
+        "run_id": run.info.run_id,
+        "run_name": run.info.run_name or "",
+        "status": run.info.status,
+        "start_time": run.info.start_time,
+        "end_time": run.info.end_time,
+        "params": dict(run.data.params),
+        "metrics": dict(run.data.metrics),
+        "tags": {key: value for key, value in run.data.tags.items() if not key.startswith("mlflow.")},
+    }
+
+
+def experiment_runs(experiment_name: str) -> list[dict[str, Any]] | None:
+    """Every run of an experiment, newest first, as plain dicts (run_id, run_name, status, start_time and end_time
+    in ms, params, latest metrics, tags); None when the experiment does not exist."""
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return None
+    records: list[dict[str, Any]] = []
+    page_token = None
+    while True:
+        page = client.search_runs(
+            [experiment.experiment_id], order_by=["attributes.start_time DESC"], page_token=page_token
+        )
+        records.extend(_run_record(run) for run in page)
+        page_token = page.token
+        if not page_token:
+            return records
+
+
+def metric_histories(run_id: str, keys: Sequence[str]) -> dict[str, list[tuple[int, float]]]:
+    """Each metric's (step, value) history for one run; a metric the run never logged has an empty list."""
+    client = MlflowClient()
+    return {key: [(found.step, found.value) for found in client.get_metric_history(run_id, key)] for key in keys}
+
+
+def run_json_artifact(run_id: str, artifact_path: str) -> Any | None:
+    """A run's JSON artifact (`reports/curves.json`, `reports/metrics.json`, ...), or None when the run has none.
+
+    Runs that failed or are still running lack their reports; callers show that instead of failing.
+    """
+    with tempfile.TemporaryDirectory(prefix="cifake-artifact-") as folder:
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=folder)
+            return json.loads(Path(local).read_text())
+        except (MlflowException, OSError, ValueError) as error:
+            log.info("run %s has no readable %s: %s", run_id, artifact_path, error)
+            return None
+
+
+def registered_versions(name: str) -> list[dict[str, Any]]:
+    """Every version of registered model `name`, newest first: number, run, status, creation time (ms), tags and
+    aliases; an empty list when the model does not exist."""
+    client = MlflowClient()
+    found = client.search_model_versions(f"name = '{name}'")
+    # Searches do not return aliases in every store, so each version's aliases come from the registered model.
+    aliases: dict[str, list[str]] = {}
+    if found:
+        for alias, version in client.get_registered_model(name).aliases.items():
+            aliases.setdefault(str(version), []).append(alias)
+    return [
+        {
+            "version": str(version.version),
+            "run_id": version.run_id,
+            "status": version.status,
+            "creation_time": version.creation_timestamp,
+            "tags": dict(version.tags),
+            "aliases": sorted(aliases.get(str(version.version), [])),
+        }
+        for version in sorted(found, key=lambda version: int(version.version), reverse=True)
+    ]
+
+
+def store_problem() -> str | None:
+    """Why the configured tracking store cannot be read (a bad URI, a locked or corrupt database, a server down),
+    or None when it answers; lets a viewer say so once instead of failing on every query."""
+    try:
+        MlflowClient().search_experiments(max_results=1)
+    except Exception as error:  # whatever the store's backend raises, the viewer shows it with the fix
+        first_line = (str(getattr(error, "message", error)).strip().splitlines() or [""])[0]
+        return f"{type(error).__name__}: {first_line[:500]}"
+    return None
+
+
+CHECKPOINT_ARTIFACT = "checkpoint/best.pt"
+
+
+def download_checkpoint(model_uri: str, destination: Path) -> Path:
+    """The PyTorch checkpoint (`checkpoint/best.pt`) logged by the run that made `model_uri`, downloaded into
+    `destination`; RegistryError naming the URI when the model or its checkpoint cannot be found."""
+    configure_tracking()
+    try:
+        run_id = mlflow.models.get_model_info(model_uri).run_id
+    except (MlflowException, OSError) as error:
+        raise RegistryError(
+            f"cannot find model {model_uri}: {getattr(error, 'message', error)}. Use models:/NAME/VERSION, "
+            "models:/NAME@ALIAS or runs:/RUN_ID/model, and check MLFLOW_TRACKING_URI"
+        ) from error
+    if not run_id:
+        raise RegistryError(f"{model_uri} was not logged by a run, so no checkpoint to explain with goes with it")
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT, dst_path=str(destination)
+        )
+    except (MlflowException, OSError) as error:
+        raise RegistryError(
+            f"the run {run_id} behind {model_uri} has no {CHECKPOINT_ARTIFACT}, which explanations need: explain "
+            "with a model trained by `cifake train`, which logs it"
+        ) from error
+    return Path(local)

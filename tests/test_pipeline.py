@@ -27,6 +27,7 @@ from cifake_core.cli import main
 from cifake_core.config import load_config
 from cifake_core.onnx_runtime import INPUT_NAME, OUTPUT_NAME, onnx_session
 from cifake_core.preprocessing import preprocess_image
+from cifake_core.robustness import PERTURBATIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "cifake-detector"
@@ -103,6 +104,10 @@ def test_training_logs_registers_promotes_and_serves(tiny_demo: Path, tracking_s
         "test_recall",
         "onnx_max_abs_diff",
         "best_val_auc",
+        "temperature",
+        "test_ece",
+        "test_ece_uncalibrated",
+        *(f"robust_{p.name}_{figure}" for p in PERTURBATIONS for figure in ("auc", "fpr")),
     }
     assert expected_metrics <= set(run.data.metrics)
     assert [m.step for m in client.get_metric_history(result.run_id, "val_auc")] == [1]
@@ -118,6 +123,10 @@ def test_training_logs_registers_promotes_and_serves(tiny_demo: Path, tracking_s
         "reports/confusion_matrix.png",
         "onnx/model.onnx",
         "checkpoint/best.pt",
+        "reports/robustness.json",
+        "reports/robustness.png",
+        "reports/calibration.json",
+        "reports/reliability.png",
     }
     assert expected_artifacts <= _artifact_paths(client, result.run_id)
     summary = json.loads(Path(client.download_artifacts(result.run_id, "data/dataset_summary.json")).read_text())
@@ -158,7 +167,7 @@ def test_training_logs_registers_promotes_and_serves(tiny_demo: Path, tracking_s
     assert _production() == "1"
 
     metrics = pipeline.evaluate_model(f"models:/{MODEL}/2", _config(tiny_demo))
-    assert 0.0 <= metrics["test_auc"] <= 1.0 and "test_f1" in metrics
+    assert 0.0 <= metrics["test_auc"] <= 1.0 and {"test_f1", "test_ece", "robust_jpeg50_auc"} <= set(metrics)
 
 
 @pytest.mark.slow

@@ -10,13 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import signal
-import socket
 import struct
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 import zlib
@@ -27,6 +21,7 @@ import mlflow
 import pandas as pd
 import pytest
 from PIL import Image
+from servers import cifake_server, http_status, using_store
 
 from cifake_core import pipeline
 from cifake_core.cli import main
@@ -80,12 +75,6 @@ def _bad_images() -> dict[str, str]:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _post(url: str, body: bytes | dict, content_type: str = "application/json") -> tuple[int, dict]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, headers={"Content-Type": content_type}, method="POST")
@@ -97,21 +86,13 @@ def _post(url: str, body: bytes | dict, content_type: str = "application/json") 
 
 
 def _ping(base_url: str) -> int:
-    try:
-        with urllib.request.urlopen(f"{base_url}/ping", timeout=5) as response:
-            return response.status
-    except (urllib.error.URLError, ConnectionError):
-        return 0
+    return http_status(f"{base_url}/ping")
 
 
 @pytest.fixture(scope="module")
 def registered(tiny_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A tracking store with a tiny model registered as production version 1."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.delenv("MLFLOW_RUN_ID", raising=False)
-        mlflow.set_tracking_uri(uri)
+    with using_store(f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}") as uri:
         config = load_config(None, {"data_dir": str(tiny_demo), "epochs": "1", "batch_size": "16", "num_workers": "0"})
         pipeline.train(config)
         yield {"uri": uri}
@@ -127,30 +108,8 @@ def store(registered: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> str:
 
 @pytest.fixture(scope="module")
 def server(registered: dict[str, str]) -> Iterator[str]:
-    port = _free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_RUN")}
-    env |= {
-        "MLFLOW_TRACKING_URI": registered["uri"],
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
-    }
-    command = [sys.executable, "-m", "cifake_core.cli", "serve", "--port", str(port)]
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while _ping(base_url) != 200:
-            assert process.poll() is None, process.stdout.read()
-            assert time.monotonic() < deadline, "the server did not answer /ping within 180 s"
-            time.sleep(0.5)
+    with cifake_server(["serve"], {"MLFLOW_TRACKING_URI": registered["uri"]}, "/ping") as base_url:
         yield base_url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
