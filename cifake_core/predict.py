@@ -104,14 +104,22 @@ def check_explain_folder(folder: Path | None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
 
 
-def explain_results(results: pd.DataFrame, model_uri: str, image_size: int, folder: Path) -> pd.DataFrame:
-    """The results with a column `explanation`: the Grad-CAM overlay written in `folder` for each classified
-    image (empty for rows that failed), made with the checkpoint of `model_uri`'s run."""
-    from cifake_core.explain import write_explanations  # torch is loaded only when explanations are asked for
+def load_checkpoint_model(model_uri: str):
+    """The PyTorch detector from the checkpoint that `model_uri`'s run logged, in eval mode on the CPU: what
+    explanations need (importing torch, which scoring never does)."""
     from cifake_core.models import load_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="cifake-checkpoint-") as download:
         model, _ = load_checkpoint(tracking.download_checkpoint(model_uri, Path(download)))
+    return model
+
+
+def explain_results(results: pd.DataFrame, model_uri: str, image_size: int, folder: Path) -> pd.DataFrame:
+    """The results with a column `explanation`: the Grad-CAM overlay written in `folder` for each classified
+    image (empty for rows that failed), made with the checkpoint of `model_uri`'s run."""
+    from cifake_core.explain import write_explanations  # torch is loaded only when explanations are asked for
+
+    model = load_checkpoint_model(model_uri)
     classified = (results["error"] == "").to_numpy()
     written = write_explanations(model, [Path(path) for path in results["path"][classified]], image_size, folder)
     explanations = pd.Series("", index=results.index, dtype=object)

@@ -13,6 +13,7 @@ Usage:
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 import streamlit as st
@@ -20,7 +21,7 @@ import streamlit as st
 from cifake_core import tracking
 from cifake_core.config import RunConfig
 from cifake_core.dashboard_data import EPOCH_METRICS
-from cifake_core.predict import load_scorer
+from cifake_core.predict import load_checkpoint_model, load_scorer
 from cifake_core.pyfunc_model import CifakeOnnxModel
 
 EXPERIMENT = RunConfig().publish.experiment_name
@@ -70,3 +71,10 @@ def forget_queries() -> None:
 @st.cache_resource(show_spinner="Loading the production model...", max_entries=4)
 def scorer(tracking_uri: str, pinned_uri: str) -> CifakeOnnxModel:
     return load_scorer(pinned_uri)
+
+
+@st.cache_resource(show_spinner="Loading the run's PyTorch checkpoint for Grad-CAM...", max_entries=2)
+def explainer(tracking_uri: str, pinned_uri: str) -> tuple[Any, threading.Lock]:
+    """The production version's checkpoint model, and a lock: Grad-CAM hooks into the model, so the sessions
+    that share it take turns."""
+    return load_checkpoint_model(pinned_uri), threading.Lock()

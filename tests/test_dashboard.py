@@ -309,6 +309,19 @@ def test_classify_uploads_a_batch_with_a_broken_file(store: dict[str, str]):
 
 
 @pytest.mark.slow
+def test_classify_shows_a_grad_cam_heatmap_beside_each_classified_image(store: dict[str, str]):
+    app = _app("classify")
+    uploader = app.file_uploader[0]
+    uploader.upload("red.png", _png((200, 30, 30)), "image/png")
+    uploader.upload("broken.png", _png((0, 0, 0))[:40], "image/png")
+    app.run()
+    assert len(app.get("image")) == 1  # the classified image; the broken one has its error instead
+    app.toggle[0].set_value(True).run()
+    assert not app.exception, [error.value for error in app.exception]
+    assert len(app.get("image")) == 2  # and now its heatmap
+
+
+@pytest.mark.slow
 def test_the_dashboard_path_never_imports_torch(store: dict[str, str]):
     """Reading runs and classifying an upload load onnxruntime only; torch is for training (and promotion)."""
     script = f"""

@@ -10,6 +10,15 @@ from cifake_core.errors import CifakeError, RegistryError
 
 GRID_COLUMNS = 4
 
+
+def _heatmap(content: bytes):
+    from cifake_core.explain import explain_image  # torch only when heatmaps are asked for
+
+    model, lock = store.explainer(tracking_uri, pinned_uri)
+    with lock:
+        return data.preview(explain_image(model, content, scorer.image_size)[1])
+
+
 tracking_uri = store.connect()
 st.title("Classify")
 try:
@@ -50,6 +59,9 @@ if not uploads:
     st.caption("Upload one or many images: png, jpg, webp, bmp, gif or tiff, any size.")
     st.stop()
 
+explain = st.toggle(
+    "Show Grad-CAM heatmaps: where the evidence for `ai` is (loads PyTorch and the run's checkpoint once)"
+)
 contents = [upload.getvalue() for upload in uploads]
 results = data.results_table([upload.name for upload in uploads], scorer.classify(contents, threshold))
 grid = st.columns(GRID_COLUMNS)
@@ -59,6 +71,8 @@ for index, (content, row) in enumerate(zip(contents, results.itertuples(index=Fa
             st.error(f"**{row.file}**: {row.error}. Upload it again as a PNG, JPEG or WebP that an image viewer opens.")
             continue
         st.image(data.preview(content), width=160)
+        if explain:
+            st.image(_heatmap(content), width=160, caption="Grad-CAM: red = evidence for ai")
         st.markdown(
             f"**{row.file}**: `{row.label}`, prob_ai {row.prob_ai:.4f}, "
             f"threshold {threshold_name} = {row.threshold:.4f}"
