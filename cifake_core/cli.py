@@ -165,7 +165,12 @@ def _run(arguments: argparse.Namespace) -> int | None:
         print(f"{config.publish.registered_model_name}@production: v{previous or '-'} -> v{arguments.version}")
 
 
-def _serve(arguments: argparse.Namespace) -> int:
+def _exec_module(module: str, arguments: list[str]) -> None:
+    """Replace this process by `python -m MODULE ARGUMENTS`, so the server gets its signals directly."""
+    os.execv(sys.executable, [sys.executable, "-m", module, *arguments])
+
+
+def _serve(arguments: argparse.Namespace) -> None:
     from cifake_core import tracking
 
     pinned_uri = tracking.pin_model_uri(arguments.model_uri)
@@ -174,24 +179,11 @@ def _serve(arguments: argparse.Namespace) -> int:
         "an alias is resolved at start-up, so restart the server after a promotion",
         flush=True,
     )
-    command = [
-        sys.executable,
-        "-m",
+    _exec_module(
         "mlflow",
-        "models",
-        "serve",
-        "-m",
-        pinned_uri,
-        "--env-manager",
-        "local",
-        "-h",
-        arguments.host,
-        "-p",
-        str(arguments.port),
-        "-w",
-        str(arguments.workers),
-    ]
-    os.execv(sys.executable, command)  # the server takes over this process, and so its signals
+        ["models", "serve", "-m", pinned_uri, "--env-manager", "local", "-h", arguments.host, "-p", str(arguments.port)]
+        + ["-w", str(arguments.workers)],
+    )
 
 
 def _predict(arguments: argparse.Namespace) -> int:
@@ -223,26 +215,15 @@ def _predict(arguments: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _dashboard(arguments: argparse.Namespace) -> int:
+def _dashboard(arguments: argparse.Namespace) -> None:
     app = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
     if not app.is_file():
         raise CifakeError(f"{app} is missing: the dashboard runs from a source checkout (`pip install -e .` in it)")
-    command = [
-        sys.executable,
-        "-m",
+    _exec_module(
         "streamlit",
-        "run",
-        str(app),
-        "--server.address",
-        arguments.host,
-        "--server.port",
-        str(arguments.port),
-        "--browser.gatherUsageStats",
-        "false",
-        "--client.toolbarMode",
-        "minimal",
-    ]
-    os.execv(sys.executable, command)  # Streamlit takes over this process, and so its signals
+        ["run", str(app), "--server.address", arguments.host, "--server.port", str(arguments.port)]
+        + ["--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal"],
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
