@@ -13,6 +13,8 @@ Usage:
     cifake serve --port 5001
     cifake predict photos/ --output results.csv --explain gradcam/
     cifake dashboard --port 8501
+    cifake server --backend_store_uri postgresql://mlflow@db:5432/mlflow --artifacts_destination s3://bucket/mlflow
+    torchrun --nproc_per_node 4 experiments/stage.py train --epochs 8   # the same train, data-parallel
 """
 
 from __future__ import annotations
@@ -98,6 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--explain", type=Path, default=None, metavar="DIR", help="write a Grad-CAM overlay of each image to DIR"
     )
 
+    server = stages.add_parser("server", help="run a shared MLflow tracking server and registry (`mlflow server`)")
+    server.add_argument(
+        "--backend_store_uri",
+        required=True,
+        help="database for runs and the registry: postgresql://USER:PASSWORD@HOST:PORT/DB (sqlite:///PATH alone)",
+    )
+    server.add_argument(
+        "--artifacts_destination",
+        default="./mlartifacts",
+        help="where the server stores artifacts: a folder or an object store (s3://, gs://, wasbs://)",
+    )
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    server.add_argument("--port", type=_port, default=5000, help="TCP port")
+    server.add_argument("--workers", type=_positive, default=2, help="server worker processes")
+
     dashboard = stages.add_parser("dashboard", help="open the Streamlit dashboard: runs, models, classify")
     dashboard.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     dashboard.add_argument("--port", type=_port, default=8501, help="TCP port")
@@ -127,12 +144,16 @@ def _run(arguments: argparse.Namespace) -> int | None:
         return _predict(arguments)
     if arguments.stage == "dashboard":
         return _dashboard(arguments)
+    if arguments.stage == "server":
+        return _server(arguments)
     config = None if arguments.stage == "data" and arguments.action == "download" else _config_from(arguments)
     # Imported after the config is checked, so a mistyped flag is answered without loading torch and MLflow.
     from cifake_core import pipeline
 
     if arguments.stage == "train":
         result = pipeline.train(config)
+        if result is None:  # a torchrun rank other than 0: rank 0 reports
+            return None
         print(
             json.dumps(
                 {
@@ -215,6 +236,15 @@ def _predict(arguments: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _server(arguments: argparse.Namespace) -> None:
+    from cifake_core.tracking_server import check_backend_store, server_arguments
+
+    check_backend_store(arguments.backend_store_uri)
+    print(f"MLflow tracking server on http://{arguments.host}:{arguments.port}", flush=True)
+    store, artifacts = arguments.backend_store_uri, arguments.artifacts_destination
+    _exec_module("mlflow", server_arguments(store, artifacts, arguments.host, arguments.port, arguments.workers))
+
+
 def _dashboard(arguments: argparse.Namespace) -> None:
     app = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
     if not app.is_file():
@@ -229,7 +259,8 @@ def _dashboard(arguments: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s")
-    logging.getLogger("cifake_core").setLevel(logging.INFO)
+    # Under torchrun rank 0 speaks for all; the other ranks report only problems.
+    logging.getLogger("cifake_core").setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         status = _run(arguments)

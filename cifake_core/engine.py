@@ -11,8 +11,8 @@ the robustness report's JPEG rows measure how far that approximation carries.
 
 Usage:
     device = resolve_device("auto")
-    metrics = train_one_epoch(model, images, labels, optimizer, scheduler, batch_size=128, device=device,
-                              generator=torch.Generator().manual_seed(0))
+    metrics = train_one_epoch(model, images, labels, torch.randperm(len(images)), optimizer, scheduler,
+                              batch_size=128, device=device, generator=torch.Generator().manual_seed(0))
     metrics |= evaluate(model, val_images, val_labels, batch_size=256, device=device, prefix="val")
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torchvision.transforms.v2.functional import gaussian_blur
 from tqdm.auto import tqdm
 
+from cifake_core.distributed import all_reduce_sum, gather_shards, shard_bounds
 from cifake_core.errors import DeviceError
 from cifake_core.metrics import binary_metrics
 
@@ -104,6 +106,7 @@ def train_one_epoch(
     model: torch.nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
+    order: Sequence[int],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     batch_size: int,
@@ -112,11 +115,12 @@ def train_one_epoch(
     description: str = "train",
     augment: bool = False,
 ) -> dict[str, float]:
-    """One pass over the training images in a seeded random order: loss, accuracy, learning rate and speed.
+    """One pass over the training images at `order` (this process's share of the epoch, shuffled; see
+    `distributed.epoch_sampler`): loss, accuracy, learning rate and speed, summed over all processes.
     `augment` adds the `degrade` augmentations to the random flip."""
     model.train()
     started = time.perf_counter()
-    order = torch.randperm(len(images), generator=generator).to(images.device)
+    order = torch.as_tensor(order, dtype=torch.long, device=images.device)
     total_loss, correct, seen = 0.0, 0, 0
     # A lone trailing image is left out: BatchNorm cannot train on a batch of one (at 32 px the last stage is 1x1).
     starts = range(0, len(order) - 1, batch_size)
@@ -136,6 +140,7 @@ def train_one_epoch(
         correct += int((logits.argmax(1) == targets).sum())
         seen += len(index)
     seconds = time.perf_counter() - started
+    total_loss, correct, seen = all_reduce_sum(torch.tensor([total_loss, correct, seen], dtype=torch.float64)).tolist()
     return {
         "train_loss": total_loss / seen,
         "train_accuracy": correct / seen,
@@ -169,8 +174,12 @@ def evaluate(
     device: torch.device,
     prefix: str,
 ) -> dict[str, float]:
-    """Loss, AUC, accuracy, F1 and friends at threshold 0.5 on one split; keys prefixed with `prefix`."""
-    logits = predict_logits(model, images, batch_size, device)
+    """Loss, AUC, accuracy, F1 and friends at threshold 0.5 on one whole split; keys prefixed with `prefix`.
+
+    With several processes each scores its shard and all get every logit, so all compute the same figures;
+    every process must call it (`predict_logits` is the single-process form)."""
+    start, stop = shard_bounds(len(images))
+    logits = gather_shards(predict_logits(model, images[start:stop], batch_size, device), len(images))
     targets = labels.cpu()
     metrics = binary_metrics(targets.numpy(), prob_ai(logits).numpy(), 0.5, prefix)
     return {f"{prefix}_loss": float(F.cross_entropy(logits, targets))} | metrics

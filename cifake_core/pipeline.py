@@ -28,7 +28,7 @@ import torch
 import yaml
 from PIL import Image
 
-from cifake_core import CLASS_NAMES, tracking
+from cifake_core import CLASS_NAMES, distributed, tracking
 from cifake_core.calibration import calibration_report, expected_calibration_error, fit_temperature
 from cifake_core.config import DataConfig, RunConfig, TrainConfig
 from cifake_core.data import PreparedData, find_dataset_root, load_split_arrays, prepare_splits, write_split_files
@@ -153,18 +153,24 @@ def _train_epochs(
     checkpoint: Path,
     checkpoint_config: dict[str, Any],
 ) -> dict[str, float]:
-    """The epoch loop; keeps the best epoch by val AUC in `checkpoint` and returns its metrics."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
-    steps_per_epoch = -(-len(splits["train"][0]) // train.batch_size)
+    """The epoch loop, in every process; keeps the best epoch by val AUC in `checkpoint` (written by rank 0)
+    and returns its metrics."""
+    parallel_model = distributed.wrap(model, device)
+    optimizer = torch.optim.AdamW(parallel_model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    sampler = distributed.epoch_sampler(len(splits["train"][0]), seed)
+    steps_per_epoch = -(-len(sampler) // train.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=train.lr, epochs=train.epochs, steps_per_epoch=steps_per_epoch
     )
-    generator = torch.Generator().manual_seed(seed)
+    # Each process draws its own flips and augmentations.
+    generator = torch.Generator().manual_seed(seed + distributed.rank())
     best: dict[str, float] = {"val_auc": -1.0}
     for epoch in range(1, train.epochs + 1):
+        sampler.set_epoch(epoch)
         metrics = train_one_epoch(
-            model,
+            parallel_model,
             *splits["train"],
+            list(sampler),
             optimizer,
             scheduler,
             train.batch_size,
@@ -173,6 +179,7 @@ def _train_epochs(
             description=f"epoch {epoch}/{train.epochs}",
             augment=train.augment == "true",
         )
+        distributed.sync_buffers(model)
         metrics |= evaluate(model, *splits["val"], EVAL_BATCH_SIZE, device, prefix="val")
         tracking.log_metrics(metrics, step=epoch)
         log.info(
@@ -188,7 +195,8 @@ def _train_epochs(
         )
         if metrics["val_auc"] > best["val_auc"]:
             best = {**metrics, "epoch": float(epoch)}
-            save_checkpoint(checkpoint, model, checkpoint_config, epoch, metrics)
+            if distributed.is_main_process():
+                save_checkpoint(checkpoint, model, checkpoint_config, epoch, metrics)
     return best
 
 
@@ -279,29 +287,43 @@ def _robustness_scorer(model_uri: str, model: torch.nn.Module, temperature: floa
 def _register_and_promote(
     name: str, promote_mode: str, run_id: str, model_uri: str, tags: dict[str, Any]
 ) -> tuple[str, bool, str]:
-    """Register a version and apply the promotion rule. On any failure, even Ctrl-C, `production` is put
-    back where it was and the versions this run registered are deleted, so nothing is half-registered."""
-    production = tracking.alias_version(name)
+    """Register a version and apply the promotion rule. Reading `production`, deciding and moving the alias
+    happen under the registry's promotion lock, so concurrent runs promote one after the other, each judged
+    against the production of that moment: the alias ends on the best of them. On any failure, even
+    Ctrl-C, an alias this run moved is put back and the versions it registered are deleted."""
+    version, production, promote = "", None, False
     try:
         version = tracking.register_model(model_uri, name, tags)
-        promote, reason = promotion_decision(promote_mode, tags["val_auc"], tags["dataset_fingerprint"], production)
-        if promote:
-            tracking.set_alias(name, version)
+        with tracking.promotion_lock(name):
+            production = tracking.alias_version(name)
+            promote, reason = promotion_decision(promote_mode, tags["val_auc"], tags["dataset_fingerprint"], production)
+            if promote:
+                tracking.set_alias(name, version)
         tracking.set_tags(
             {"cifake.registered_version": version, "cifake.promoted": promote, "cifake.promotion_reason": reason}
         )
     except BaseException:
-        if production is not None:
+        current = tracking.alias_version(name) if promote else None
+        if production is not None and current is not None and current["version"] == version:
             tracking.set_alias(name, production["version"])
         tracking.delete_run_versions(name, run_id)
         raise
     return version, promote, reason
 
 
-def train(config: RunConfig) -> TrainingResult:
-    """The `main` stage: train, evaluate, export, log, register and maybe promote; one MLflow run."""
-    device = resolve_device(config.train.device)
-    root, name = resolve_dataset(config.data.data_dir)
+def train(config: RunConfig) -> TrainingResult | None:
+    """The `main` stage: train, evaluate, export, log, register and maybe promote; one MLflow run.
+
+    Under torchrun every process trains its share of each epoch and evaluates its shard of val; rank 0 alone
+    logs to MLflow, then evaluates test, exports, registers and promotes while the others wait at a barrier.
+    Returns the result on rank 0 and None on the other ranks."""
+    with distributed.process_group(resolve_device(config.train.device)) as device:
+        return _train(config, device)
+
+
+def _train(config: RunConfig, device: torch.device) -> TrainingResult | None:
+    with distributed.local_main_first():  # the demo data is generated once per node
+        root, name = resolve_dataset(config.data.data_dir)
     torch.manual_seed(config.data.seed)
     with (
         tracking.tracked_run(config.publish.experiment_name, "train", {"cifake.stage": "train"}) as run_id,
@@ -329,6 +351,8 @@ def train(config: RunConfig) -> TrainingResult:
         best = _train_epochs(
             model.to(device), splits, device, config.train, config.data.seed, checkpoint, config.flat()
         )
+        if not distributed.is_main_process():
+            return None
         model, _ = load_checkpoint(checkpoint, device)
         tracking.log_metrics({"best_epoch": best["epoch"], "best_val_auc": best["val_auc"]})
 

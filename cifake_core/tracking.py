@@ -2,7 +2,10 @@
 
 No other module calls MLflow, so the run lifecycle has one owner: a run always ends FINISHED, FAILED (on an
 exception) or KILLED (Ctrl-C, SIGTERM), never RUNNING, and a model version is registered only after the
-model is fully logged. Public MLflow APIs only: aliases, not the deprecated stages.
+model is fully logged. A process killed outright (SIGKILL, a lost machine) cannot end its run, so a live
+run beats a heartbeat tag and the next stage started in the experiment ends runs whose heartbeat stopped.
+Under torchrun only rank 0 writes: the other ranks' calls here do nothing. Public MLflow APIs only:
+aliases, not the deprecated stages.
 
 Usage:
     with tracked_run("cifake", run_name="train") as run_id:
@@ -13,13 +16,18 @@ Usage:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
+import random
+import socket
 import tempfile
+import threading
+import time
 import traceback
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib.metadata import version as installed_version
 from pathlib import Path
 from typing import Any
@@ -35,6 +43,16 @@ from cifake_core.pyfunc_model import ONNX_ARTIFACT, THRESHOLDS_ARTIFACT, model_s
 
 PRODUCTION_ALIAS = "production"
 MODEL_ARTIFACT_NAME = "model"
+CHECKPOINT_ARTIFACT = "checkpoint/best.pt"
+HEARTBEAT_TAG = "cifake.heartbeat"
+HEARTBEAT_SECONDS = 30.0
+# Twenty missed heartbeats: a run is not declared dead for a slow network or a long pause of its process.
+ABANDONED_AFTER_SECONDS = 600.0
+# The registry has no compare-and-set, so promotions serialise on a lock: a registered model of this name
+# suffix, whose creation the store makes atomic (its name is the table's primary key).
+PROMOTION_LOCK_SUFFIX = ".promotion-lock"
+PROMOTION_LOCK_WAIT_SECONDS = 120.0
+PROMOTION_LOCK_STALE_SECONDS = 300.0
 _NOT_FOUND_CODES = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"}
 _SERVING_PACKAGES = ("mlflow", "onnxruntime", "numpy", "pandas", "pillow")
 log = logging.getLogger(__name__)
@@ -53,16 +71,90 @@ def configure_tracking() -> str:
     return uri
 
 
+def _is_main_process() -> bool:
+    """Rank 0 under torchrun (its RANK variable, read here so this module never imports torch), else True."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _main_process_only(function: Callable) -> Callable:
+    @functools.wraps(function)
+    def on_rank_zero(*args, **kwargs):
+        return function(*args, **kwargs) if _is_main_process() else None
+
+    return on_rank_zero
+
+
+class _Heartbeat:
+    """A daemon thread that stamps HEARTBEAT_TAG on a run every HEARTBEAT_SECONDS until stopped."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{run_id}", daemon=True)
+
+    def _beat(self) -> None:
+        client, warned = MlflowClient(), False
+        while not self.stopped.wait(HEARTBEAT_SECONDS):
+            try:
+                client.set_tag(self.run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
+            except Exception as error:  # a missed beat must never disturb the run itself
+                if not warned:
+                    log.warning("cannot write the run's heartbeat (%s); retrying quietly", error)
+                    warned = True
+
+    def start(self) -> None:
+        MlflowClient().set_tag(self.run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+
+def end_abandoned_runs(experiment_name: str, silent_for_seconds: float = ABANDONED_AFTER_SECONDS) -> list[str]:
+    """End as KILLED the RUNNING runs of an experiment whose heartbeat stopped `silent_for_seconds` ago (their
+    process was killed outright); returns their ids. Runs without a heartbeat tag are left alone."""
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return []
+    now, ended = time.time(), []
+    for run in client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'RUNNING'"):
+        beat = run.data.tags.get(HEARTBEAT_TAG)
+        if beat is None or now - float(beat) < silent_for_seconds:
+            continue
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(beat)))
+        client.set_tag(
+            run.info.run_id,
+            "cifake.error",
+            f"abandoned: no heartbeat since {since}, so its process was killed or lost the tracking server; "
+            f"ended by a later stage on {socket.gethostname()}",
+        )
+        client.set_terminated(run.info.run_id, status="KILLED")
+        ended.append(run.info.run_id)
+    if ended:
+        log.warning("ended %d abandoned RUNNING run(s) as KILLED: %s", len(ended), ", ".join(ended))
+    return ended
+
+
 @contextlib.contextmanager
 def tracked_run(experiment_name: str, run_name: str, tags: dict[str, str] | None = None) -> Iterator[str]:
-    """Start (or, under `mlflow run`, resume) a run and always end it with a truthful status."""
+    """Start (or, under `mlflow run`, resume) a run, beat its heartbeat, and always end it with a truthful
+    status. On torchrun ranks other than 0 it does nothing and yields an empty run id."""
+    if not _is_main_process():
+        yield ""
+        return
     configure_tracking()
     resumed_id = os.environ.get("MLFLOW_RUN_ID")
     if not resumed_id:
         mlflow.set_experiment(experiment_name)
+    end_abandoned_runs(experiment_name)
     run = mlflow.start_run(run_id=resumed_id or None, run_name=None if resumed_id else run_name, tags=tags)
     status, error_text = "FINISHED", ""
+    heartbeat = _Heartbeat(run.info.run_id)
     try:
+        heartbeat.start()
         experiment = mlflow.get_experiment(run.info.experiment_id)
         if experiment.name != experiment_name:
             log.warning(
@@ -79,6 +171,7 @@ def tracked_run(experiment_name: str, run_name: str, tags: dict[str, str] | None
         status, error_text = "FAILED", "".join(traceback.format_exception_only(error)).strip()[:5000]
         raise
     finally:
+        heartbeat.stop()
         try:
             if error_text:
                 mlflow.set_tag("cifake.error", error_text)
@@ -86,31 +179,43 @@ def tracked_run(experiment_name: str, run_name: str, tags: dict[str, str] | None
             mlflow.end_run(status)
 
 
+@_main_process_only
 def log_params(params: dict[str, Any]) -> None:
     """Log params the run does not have yet: `mlflow run` logs its entry-point parameters itself, as typed."""
     existing = mlflow.get_run(mlflow.active_run().info.run_id).data.params
     mlflow.log_params({key: value for key, value in params.items() if key not in existing})
 
 
+@_main_process_only
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     mlflow.log_metrics(metrics, step=step)
 
 
+@_main_process_only
 def set_tags(tags: dict[str, Any]) -> None:
     mlflow.set_tags({key: str(value) for key, value in tags.items()})
 
 
+@_main_process_only
 def log_artifact(path: Path, folder: str | None = None) -> None:
     mlflow.log_artifact(str(path), artifact_path=folder)
 
 
+@_main_process_only
 def log_dataset(manifest: pd.DataFrame, source: str, name: str, fingerprint: str, context: str) -> None:
     """The manifest as an MLflow dataset input, with our content fingerprint as its digest."""
     with warnings.catch_warnings():
         # MLflow registers its local-folder source twice and warns that a path is ambiguous between them.
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
         dataset = mlflow.data.from_pandas(manifest, source=source, name=name, digest=fingerprint)
-    mlflow.log_input(dataset, context=context)
+    try:
+        mlflow.log_input(dataset, context=context)
+    except MlflowException as error:
+        # The store looks a dataset up, then inserts it: two runs logging the same new dataset at once race,
+        # and the loser's insert breaks the unique key. The dataset exists by then, so a second call links it.
+        if "already exists" not in str(error):
+            raise
+        mlflow.log_input(dataset, context=context)
 
 
 def _serving_requirements() -> list[str]:
@@ -177,6 +282,50 @@ def alias_version(name: str, alias: str = PRODUCTION_ALIAS) -> dict[str, Any] | 
 def set_alias(name: str, version: str, alias: str = PRODUCTION_ALIAS) -> None:
     version_info(name, version)
     MlflowClient().set_registered_model_alias(name, alias, version)
+
+
+def _break_stale_lock(client: MlflowClient, lock_name: str) -> str:
+    """Who holds the lock; deletes it first if its holder took it PROMOTION_LOCK_STALE_SECONDS ago (it died)."""
+    try:
+        tags = client.get_registered_model(lock_name).tags
+    except MlflowException:
+        return "nobody (just released)"
+    holder = tags.get("holder", "unknown")
+    if time.time() - float(tags.get("acquired", "0")) > PROMOTION_LOCK_STALE_SECONDS:
+        log.warning("breaking the promotion lock %s left by %s", lock_name, holder)
+        with contextlib.suppress(MlflowException):
+            client.delete_registered_model(lock_name)
+    return holder
+
+
+@contextlib.contextmanager
+def promotion_lock(name: str) -> Iterator[None]:
+    """Hold the registry-wide lock for promoting versions of `name`: read production, decide, set the alias."""
+    client, lock_name = MlflowClient(), name + PROMOTION_LOCK_SUFFIX
+    holder = f"{socket.gethostname()}:{os.getpid()}"
+    deadline = time.monotonic() + PROMOTION_LOCK_WAIT_SECONDS
+    while True:
+        try:
+            client.create_registered_model(
+                lock_name,
+                tags={"holder": holder, "acquired": f"{time.time():.3f}"},
+                description=f"held while a cifake run promotes a version of {name}; deleted right after",
+            )
+            break
+        except MlflowException as error:
+            if error.error_code not in {"RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"}:
+                raise
+            current_holder = _break_stale_lock(client, lock_name)
+            if time.monotonic() > deadline:
+                raise RegistryError(
+                    f"the promotion lock {lock_name!r} has been held by {current_holder} for over "
+                    f"{PROMOTION_LOCK_WAIT_SECONDS:.0f} s: if no promotion is running, delete that registered model"
+                ) from error
+            time.sleep(random.uniform(0.1, 0.5))
+    try:
+        yield
+    finally:
+        client.delete_registered_model(lock_name)
 
 
 def registered_version_of(run_id: str) -> str | None:
@@ -302,9 +451,6 @@ def store_problem() -> str | None:
         first_line = (str(getattr(error, "message", error)).strip().splitlines() or [""])[0]
         return f"{type(error).__name__}: {first_line[:500]}"
     return None
-
-
-CHECKPOINT_ARTIFACT = "checkpoint/best.pt"
 
 
 def download_checkpoint(model_uri: str, destination: Path) -> Path:

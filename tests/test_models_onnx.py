@@ -127,9 +127,8 @@ def test_an_epoch_whose_last_batch_would_hold_one_image_trains(random_model):
     images, labels = torch.from_numpy(_batch(17)), torch.tensor([0, 1] * 8 + [0])
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
     scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
-    metrics = train_one_epoch(
-        model, images, labels, optimizer, scheduler, 16, torch.device("cpu"), torch.Generator().manual_seed(0)
-    )
+    order, generator = torch.randperm(17), torch.Generator().manual_seed(0)
+    metrics = train_one_epoch(model, images, labels, order, optimizer, scheduler, 16, torch.device("cpu"), generator)
     assert metrics["images_per_second"] > 0 and np.isfinite(metrics["train_loss"])
     random_model.eval()
 

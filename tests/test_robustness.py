@@ -255,6 +255,6 @@ def test_training_with_augment_runs_a_step():
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=2)
     generator = torch.Generator().manual_seed(0)
     metrics = train_one_epoch(
-        model, images, labels, optimizer, scheduler, 4, torch.device("cpu"), generator, augment=True
+        model, images, labels, torch.randperm(8), optimizer, scheduler, 4, torch.device("cpu"), generator, augment=True
     )
     assert np.isfinite(metrics["train_loss"])

@@ -1,0 +1,152 @@
+"""Training-step benchmark: what each speed option buys over the plain eager fp32 loop, measured in one run.
+
+The detector (`models.create_model`, random weights) trains on uint8 tensors already in memory, as the
+pipeline does, with AdamW and a one-cycle schedule. Measured, each after warm-up steps:
+  - the input side alone (index a batch, random flip, move to the device) against a whole step;
+  - the baseline: eager fp32, NCHW;
+  - channels_last; channels_last with bf16 autocast; channels_last with `torch.compile` (`--compile`);
+  - on a CPU, `--processes 2` also times two 1-thread processes side by side against one process using
+    every thread (what data-parallel training on one machine trades).
+Prints a progress line per measurement and a Markdown table; `--output FILE.json` keeps the figures.
+
+Usage:
+    .venv/bin/python bench/training_step.py --compile --processes 2 --output docs/training_step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+from cifake_core.engine import resolve_device
+from cifake_core.models import create_model
+
+
+def _images(count: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8, generator=generator)
+    return images.to(device), torch.randint(0, 2, (count,), generator=generator).to(device)
+
+
+def _batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, steps: int):
+    """The pipeline's input side: a shuffled index, a random flip, the move to the device."""
+    order = torch.randperm(len(images)).to(images.device)
+    for step in range(steps):
+        index = order[(step * batch_size) % len(images) :][:batch_size]
+        batch = images[index]
+        flip = (torch.rand(len(index)) < 0.5).to(batch.device).view(-1, 1, 1, 1)
+        yield torch.where(flip, batch.flip(-1), batch), labels[index]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def loader_images_per_second(images, labels, batch_size: int, steps: int, device: torch.device) -> float:
+    _synchronize(device)
+    started = time.perf_counter()
+    for batch, _ in _batches(images, labels, batch_size, steps):
+        batch.float().sum()  # consume it, as the model's first layer would
+    _synchronize(device)
+    return batch_size * steps / (time.perf_counter() - started)
+
+
+def step_images_per_second(
+    variant: str, images, labels, batch_size: int, steps: int, warmup: int, device: torch.device
+) -> tuple[float, float]:
+    """Images/s of training steps with `variant`, and the seconds its warm-up took (compilation included)."""
+    torch.manual_seed(0)
+    model, _ = create_model(pretrained="false", pretrained_weights="")
+    model = model.to(device)
+    if variant != "eager_fp32":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=warmup + steps + 1)
+    step_model = torch.compile(model) if variant.endswith("compile") else model
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if variant.endswith("bf16") else contextlib.nullcontext()
+    )
+    model.train()
+    started = time.perf_counter()
+    for index, (batch, targets) in enumerate(_batches(images, labels, batch_size, warmup + steps)):
+        if index == warmup:
+            _synchronize(device)
+            warmup_seconds, started = time.perf_counter() - started, time.perf_counter()
+        if variant != "eager_fp32":
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            loss = F.cross_entropy(step_model(batch), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    _synchronize(device)
+    return batch_size * steps / (time.perf_counter() - started), warmup_seconds
+
+
+def _one_thread_worker(arguments: tuple[int, int, int, int]) -> float:
+    batch_size, image_size, steps, warmup = arguments
+    torch.set_num_threads(1)
+    images, labels = _images(batch_size * 4, image_size, torch.device("cpu"))
+    return step_images_per_second("channels_last", images, labels, batch_size, steps, warmup, torch.device("cpu"))[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--image_size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compiling)")
+    parser.add_argument("--processes", type=int, default=0, help="CPU: also time N 1-thread processes at once")
+    parser.add_argument("--output", default="", help="write the figures to this JSON file")
+    arguments = parser.parse_args()
+
+    device = resolve_device(arguments.device)
+    batch_size, steps, warmup = arguments.batch_size, arguments.steps, arguments.warmup
+    images, labels = _images(batch_size * 4, arguments.image_size, device)
+    machine = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "batch_size": batch_size,
+        "image_size": arguments.image_size,
+    }
+    print(f"[bench] {machine}", flush=True)
+    results = {"loader": loader_images_per_second(images, labels, batch_size, steps, device)}
+    print(f"[bench] loader alone: {results['loader']:.0f} img/s", flush=True)
+    warmups = {}
+    variants = ["eager_fp32", "channels_last", "channels_last_bf16"] + (["channels_last_compile"] * arguments.compile)
+    for variant in variants:
+        results[variant], warmups[variant] = step_images_per_second(
+            variant, images, labels, batch_size, steps, warmup, device
+        )
+        print(f"[bench] {variant}: {results[variant]:.0f} img/s (warm-up {warmups[variant]:.1f} s)", flush=True)
+    if arguments.processes and device.type == "cpu":
+        work = [(batch_size, arguments.image_size, steps, warmup)] * arguments.processes
+        name = f"{arguments.processes}x1_thread_processes"
+        with multiprocessing.get_context("spawn").Pool(arguments.processes) as pool:
+            results[name] = sum(pool.map(_one_thread_worker, work))
+        print(f"[bench] {name}: {results[name]:.0f} img/s in all", flush=True)
+
+    baseline = results["eager_fp32"]
+    print("\n| measurement | images/s | vs eager fp32 |\n|---|---|---|")
+    for name, value in results.items():
+        print(f"| {name} | {value:.0f} | {value / baseline:.2f}x |")
+    if arguments.output:
+        with open(arguments.output, "w") as handle:
+            json.dump({"machine": machine, "images_per_second": results, "warmup_seconds": warmups}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""Data-parallel training across processes with torchrun: process group, shards, reductions, rank 0.
+
+One code path serves one process and many: every helper here is the identity when the process is alone
+(no torchrun), so `pipeline.train` never branches on the world size except to let rank 0 alone talk to
+MLflow and write files. Backend: NCCL when each process has a CUDA device, gloo on CPUs.
+
+Usage (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT):
+    with process_group(resolve_device("auto")) as device:
+        sampler = epoch_sampler(len(train_images), seed=42)
+        sampler.set_epoch(epoch)
+        totals = all_reduce_sum(torch.tensor([loss_sum, seen]))
+        if is_main_process(): ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DistributedSampler
+
+from cifake_core.errors import DeviceError
+
+# Ranks other than 0 wait at a barrier while rank 0 evaluates, exports and registers the model, which on the
+# full CIFAKE test split with its robustness report takes many minutes on a CPU: the default 10-30 minute
+# collective timeout would kill a healthy run. A crashed rank still ends the job at once: torchrun stops the
+# others.
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=6)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _rank_device(device: torch.device) -> torch.device:
+    """Each process's device: under torchrun with CUDA, the GPU of its LOCAL_RANK."""
+    if device.type != "cuda":
+        if device.type == "mps":
+            raise DeviceError("torchrun on Apple MPS is not supported by PyTorch: pass device=cpu")
+        return device
+    if local_rank() >= torch.cuda.device_count():
+        raise DeviceError(
+            f"LOCAL_RANK {local_rank()} but this node has {torch.cuda.device_count()} CUDA devices: start at most "
+            "that many processes per node (torchrun --nproc_per_node)"
+        )
+    torch.cuda.set_device(local_rank())
+    return torch.device("cuda", local_rank())
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device) -> Iterator[torch.device]:
+    """Join the torchrun process group (if launched by torchrun) for the duration; yield this process's device
+    (`device` itself, or under torchrun with CUDA the GPU of this process's LOCAL_RANK)."""
+    if not launched_by_torchrun():
+        yield device
+        return
+    device = _rank_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT, device_id=device if backend == "nccl" else None)
+    try:
+        yield device
+        dist.barrier()  # rank 0 reaches it after publishing the model; the others wait here until then
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def local_main_first() -> Iterator[None]:
+    """Run the block on each node's first process before the node's others, e.g. to create a shared folder once."""
+    if dist.is_initialized() and local_rank() != 0:
+        dist.barrier()
+    yield
+    if dist.is_initialized() and local_rank() == 0:
+        dist.barrier()
+
+
+def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`model` under DistributedDataParallel when there are several processes (gradients averaged at each
+    step), else `model` itself."""
+    if not dist.is_initialized():
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def sync_buffers(model: torch.nn.Module) -> None:
+    """Give every process rank 0's buffers (BatchNorm running statistics), which each rank has updated with its
+    own last batch, so that all ranks evaluate the very model rank 0 saves."""
+    if dist.is_initialized():
+        for buffer in unwrap(model).buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def epoch_sampler(count: int, seed: int) -> DistributedSampler:
+    """This process's share of a shuffled epoch of `count` samples (all of them when alone); call `set_epoch`
+    before each epoch. drop_last keeps every rank at the same number of steps, as DDP requires."""
+    return DistributedSampler(
+        range(count), num_replicas=world_size(), rank=rank(), shuffle=True, seed=seed, drop_last=world_size() > 1
+    )
+
+
+def _collective_device() -> torch.device:
+    """NCCL moves only CUDA tensors, gloo CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """`values` summed over all processes (a copy; unchanged when alone)."""
+    if not dist.is_initialized():
+        return values
+    summed = values.to(_collective_device(), copy=True)
+    dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+    return summed.to(values.device)
+
+
+def shard_bounds(count: int) -> tuple[int, int]:
+    """The contiguous slice [start, stop) of `count` rows that this process scores in a sharded evaluation."""
+    per_rank = -(-count // world_size())
+    start = min(count, rank() * per_rank)
+    return start, min(count, start + per_rank)
+
+
+def gather_shards(local: torch.Tensor, count: int) -> torch.Tensor:
+    """Every process's `shard_bounds` rows joined in order into the full `count` rows (identity when alone)."""
+    if not dist.is_initialized():
+        return local
+    per_rank = -(-count // world_size())
+    padded = torch.zeros((per_rank, *local.shape[1:]), dtype=local.dtype, device=_collective_device())
+    padded[: len(local)] = local
+    parts = [torch.empty_like(padded) for _ in range(world_size())]
+    dist.all_gather(parts, padded)
+    return torch.cat(parts)[:count].to(local.device)

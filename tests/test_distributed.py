@@ -1,0 +1,110 @@
+"""Data-parallel training: the helpers in a real 2-process gloo group, and `torchrun` running the train stage.
+
+Everything runs on CPU processes (gloo); the same code takes NCCL on GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from mlflow import MlflowClient
+
+from cifake_core import distributed
+from cifake_core.config import RunConfig
+from cifake_core.data import load_split_arrays, prepare_splits
+from cifake_core.engine import predict_logits, prob_ai
+from cifake_core.metrics import binary_metrics
+from cifake_core.models import load_checkpoint
+from cifake_core.tracking import run_json_artifact
+from tests.servers import free_port
+
+WORLD = 2
+
+
+def _check_helpers(rank: int, port: int, results: dict) -> None:
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        count = 7  # uneven: shards of 4 and 3
+        start, stop = distributed.shard_bounds(count)
+        rows = torch.arange(count, dtype=torch.float32).view(-1, 1) * 10
+        gathered = distributed.gather_shards(rows[start:stop] + 0.5, count)
+        sampler = distributed.epoch_sampler(9, seed=3)
+        sampler.set_epoch(1)
+        results[rank] = {
+            "bounds": (start, stop),
+            "gathered": gathered.view(-1).tolist(),
+            "sum": distributed.all_reduce_sum(torch.tensor([rank + 1.0])).item(),
+            "share": list(sampler),
+        }
+    finally:
+        dist.destroy_process_group()
+
+
+def test_shards_gather_in_order_sums_reduce_and_epoch_shares_are_disjoint():
+    results = mp.Manager().dict()
+    mp.spawn(_check_helpers, args=(free_port(), results), nprocs=WORLD)
+    assert results[0]["bounds"] == (0, 4) and results[1]["bounds"] == (4, 7)
+    expected = [value * 10 + 0.5 for value in range(7)]
+    assert results[0]["gathered"] == expected and results[1]["gathered"] == expected
+    assert results[0]["sum"] == results[1]["sum"] == 3.0
+    shares = [set(results[rank]["share"]) for rank in range(WORLD)]
+    assert len(results[0]["share"]) == len(results[1]["share"]) == 4  # drop_last: the same steps on each rank
+    assert not shares[0] & shares[1] and shares[0] | shares[1] <= set(range(9))
+
+
+def test_alone_the_helpers_are_the_identity():
+    rows = torch.arange(5.0)
+    assert distributed.world_size() == 1 and distributed.is_main_process()
+    assert distributed.shard_bounds(5) == (0, 5) and distributed.gather_shards(rows, 5) is rows
+    sampler = distributed.epoch_sampler(5, seed=0)
+    sampler.set_epoch(1)
+    assert sorted(sampler) == list(range(5))  # one process keeps every sample, odd counts included
+    model = torch.nn.Linear(2, 2)
+    assert distributed.wrap(model, torch.device("cpu")) is model
+
+
+@pytest.mark.slow
+def test_torchrun_on_two_cpu_processes_logs_one_run_and_one_version(tiny_demo: Path, tracking_store: str, tmp_path):
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_RUN")}
+    env |= {"MLFLOW_TRACKING_URI": tracking_store, "OMP_NUM_THREADS": "1"}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--standalone", "--nproc_per_node", str(WORLD), "experiments/stage.py", "train"]
+    flags = ["--data_dir", str(tiny_demo), "--epochs", "2", "--batch_size", "16", "--num_workers", "0"]
+    done = subprocess.run(
+        [*command, *flags, "--device", "cpu"], env=env, capture_output=True, text=True, timeout=900, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout[done.stdout.index("{\n") :])  # printed once, by rank 0
+
+    client = MlflowClient()
+    (run,) = client.search_runs([mlflow.get_experiment_by_name("cifake").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert {"train_loss", "train_accuracy", "val_loss", "val_auc", "test_auc", "test_f1"} <= set(run.data.metrics)
+    assert [metric.step for metric in client.get_metric_history(run.info.run_id, "val_auc")] == [1, 2]
+    (version,) = client.search_model_versions("name = 'cifake-detector'")
+    assert str(version.version) == result["version"] == "1"
+
+    # The logged test figures are those of one process evaluating the same checkpoint on the whole test split.
+    checkpoint = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="checkpoint/best.pt", dst_path=str(tmp_path)
+    )
+    model, _ = load_checkpoint(Path(checkpoint))
+    data = RunConfig().data
+    prepared = prepare_splits(tiny_demo, data.val_fraction, 0, 0, data.seed, 0)
+    images, labels = load_split_arrays(prepared, "test", RunConfig().model.image_size, 0)
+    logits = predict_logits(model, torch.from_numpy(images), 512, torch.device("cpu"))
+    scores = prob_ai(logits / run.data.metrics["temperature"]).numpy()
+    threshold = run_json_artifact(run.info.run_id, "reports/metrics.json")["threshold"]
+    single = binary_metrics(labels, scores, threshold, "test")
+    for key in ("test_auc", "test_f1", "test_accuracy"):
+        assert single[key] == pytest.approx(run.data.metrics[key], abs=1e-6), key
