@@ -42,6 +42,14 @@ def using_store(uri: str) -> Iterator[str]:
         yield uri
 
 
+def child_environment(**extra: str) -> dict[str, str]:
+    """The environment for a `cifake`, `mlflow` or `torchrun` child: outside any `mlflow run` (no MLFLOW_RUN_*),
+    with this interpreter's folder first on PATH, as in an activated virtual environment, plus `extra`."""
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_RUN")}
+    path = os.pathsep.join([str(Path(sys.executable).parent), environment.get("PATH", "")])
+    return environment | {"PATH": path, **extra}
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -65,8 +73,7 @@ def cifake_server(arguments: list[str], env: dict[str, str], health_path: str) -
     and stops the whole group afterwards. Its output goes to a file: a server logging every request would
     block on a full pipe that nobody reads."""
     port = free_port()
-    environment = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_RUN")}
-    environment |= {"PATH": os.pathsep.join([str(Path(sys.executable).parent), environment.get("PATH", "")]), **env}
+    environment = child_environment(**env)
     with tempfile.TemporaryFile("w+") as output:
         process = subprocess.Popen(
             [sys.executable, "-m", "cifake_core.cli", *arguments, "--port", str(port)],

@@ -25,7 +25,7 @@ from cifake_core.engine import predict_logits, prob_ai
 from cifake_core.metrics import binary_metrics
 from cifake_core.models import load_checkpoint
 from cifake_core.tracking import run_json_artifact
-from tests.servers import free_port
+from tests.servers import child_environment, free_port
 
 WORLD = 2
 
@@ -75,8 +75,7 @@ def test_alone_the_helpers_are_the_identity():
 
 @pytest.mark.slow
 def test_torchrun_on_two_cpu_processes_logs_one_run_and_one_version(tiny_demo: Path, tracking_store: str, tmp_path):
-    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_RUN")}
-    env |= {"MLFLOW_TRACKING_URI": tracking_store, "OMP_NUM_THREADS": "1"}
+    env = child_environment(MLFLOW_TRACKING_URI=tracking_store, OMP_NUM_THREADS="1")
     torchrun = Path(sys.executable).with_name("torchrun")
     command = [str(torchrun), "--standalone", "--nproc_per_node", str(WORLD), "experiments/stage.py", "train"]
     flags = ["--data_dir", str(tiny_demo), "--epochs", "2", "--batch_size", "16", "--num_workers", "0"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from cifake_core.config import load_config
 from cifake_core.onnx_runtime import INPUT_NAME, OUTPUT_NAME, onnx_session
 from cifake_core.preprocessing import preprocess_image
 from cifake_core.robustness import PERTURBATIONS
+from tests.servers import child_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "cifake-detector"
@@ -252,10 +252,8 @@ def test_promoting_a_missing_version_is_a_clear_error(tracking_store: str, capsy
 
 
 def _subprocess_env(tracking_store: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_RUN")}
-    # `python` in the MLproject command must be this interpreter, as in an activated virtual environment
-    path = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return env | {"MLFLOW_TRACKING_URI": tracking_store, "PYTHONUNBUFFERED": "1", "PATH": path}
+    # `python` in the MLproject command must be this interpreter: child_environment puts it first on PATH
+    return child_environment(MLFLOW_TRACKING_URI=tracking_store, PYTHONUNBUFFERED="1")
 
 
 @pytest.mark.slow

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from mlflow import MlflowClient
 from cifake_core import tracking
 from cifake_core.errors import ConfigError
 from cifake_core.tracking_server import check_backend_store
-from tests.servers import cifake_server, free_port, http_status, postgres_database, using_store
+from tests.servers import child_environment, cifake_server, free_port, http_status, postgres_database, using_store
 
 pytestmark = pytest.mark.slow
 TRAIN_FLAGS = ["--epochs", "1", "--batch_size", "16", "--num_workers", "0", "--device", "cpu"]
@@ -42,8 +41,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def _train(server: str, data_dir: Path, *flags: str) -> subprocess.Popen:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_RUN")}
-    env |= {"MLFLOW_TRACKING_URI": server, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = child_environment(MLFLOW_TRACKING_URI=server, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     command = [sys.executable, "-m", "cifake_core.cli", "train", "--data_dir", str(data_dir), *TRAIN_FLAGS, *flags]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
