@@ -130,7 +130,7 @@ def train_one_epoch(
         if augment:
             batch = degrade(batch, generator)
         targets = labels[index].to(device, non_blocking=True)
-        logits = model(batch)
+        logits = model(batch.contiguous(memory_format=torch.channels_last))
         loss = F.cross_entropy(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
