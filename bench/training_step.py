@@ -64,7 +64,7 @@ def step_images_per_second(
 ) -> tuple[float, float]:
     """Images/s of training steps with `variant`, and the seconds its warm-up took (compilation included)."""
     torch.manual_seed(0)
-    model, _ = create_model(pretrained="false", pretrained_weights="")
+    model, _ = create_model(pretrained="false", pretrained_weights="", stem_stride=2)
     model = model.to(device)
     if variant != "eager_fp32":
         model = model.to(memory_format=torch.channels_last)

@@ -50,6 +50,9 @@ class ModelConfig:
     image_size: int = field(default=32, metadata=_help("square input side in pixels (CIFAKE is 32)"))
     pretrained: str = field(default="auto", metadata=_help("ImageNet weights from the hub: auto|true|false"))
     pretrained_weights: str = field(default="", metadata=_help("local weights file; overrides the hub"))
+    stem_stride: int = field(
+        default=2, metadata=_help("stride of the first convolution: 2 (timm's) or 1 (full resolution, ~4x compute)")
+    )
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,7 @@ def _check(values: dict[str, Any]) -> None:
         ("max_test_per_class", values["max_test_per_class"] >= 0, "0 (no cap) or a positive count"),
         ("seed", values["seed"] >= 0, "a non-negative integer"),
         ("image_size", 32 <= values["image_size"] <= 512, "between 32 and 512 pixels"),
+        ("stem_stride", values["stem_stride"] in (1, 2), "1 or 2"),
         ("pretrained", values["pretrained"] in PRETRAINED_CHOICES, "one of " + "|".join(PRETRAINED_CHOICES)),
         ("epochs", values["epochs"] >= 1, "at least 1"),
         ("batch_size", values["batch_size"] >= 2, "at least 2 (BatchNorm needs two images per batch)"),

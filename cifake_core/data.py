@@ -5,19 +5,22 @@ REAL), possibly one folder down as the Kaggle zip unpacks. Splits are never copi
 (path, label, split, sha256) and `dataset_summary.json` says how it was built. Exact duplicates are found
 by content hash: inside a split one copy is kept, and a train image whose bytes also occur in test is
 dropped from train, so the test split stays the published one and holds nothing the model trained on.
-Unreadable images are skipped and listed, never fatal.
+Unreadable images are skipped and listed, never fatal. Decoded splits are cached as uint8 `.npy` files
+(`array_cache_folder()`), keyed by their content, and memory-mapped by later runs.
 
 Usage:
     prepared = prepare_splits(find_dataset_root("/data/cifake"), val_fraction=0.1, max_train_per_class=0,
                               max_test_per_class=0, seed=42, num_workers=2)
-    images, labels = load_split_arrays(prepared, "train", image_size=32, num_workers=2)
+    images, labels = load_split_arrays(prepared, "train", 32, num_workers=2, cache_folder=array_cache_folder())
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import multiprocessing
+import shutil
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -30,9 +33,9 @@ import pandas as pd
 
 from cifake_core import CLASS_NAMES, FOLDER_FOR_CLASS
 from cifake_core.errors import DatasetError, ImageError
-from cifake_core.files import atomic_path
+from cifake_core.files import atomic_path, cache_dir
 from cifake_core.network import host_reachable
-from cifake_core.preprocessing import load_rgb, preprocess_image
+from cifake_core.preprocessing import PREPROCESSING_VERSION, load_rgb, preprocess_image
 
 SOURCE_SPLITS = ("train", "test")
 SPLITS = ("train", "val", "test")
@@ -42,6 +45,7 @@ KAGGLE_PAGE = "https://www.kaggle.com/datasets/" + KAGGLE_HANDLE
 MANIFEST_FILE = "manifest.csv"
 SUMMARY_FILE = "dataset_summary.json"
 _CHUNK = 256
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -265,16 +269,65 @@ def _decode(task: tuple[str, int]) -> np.ndarray:
     return preprocess_image(path, image_size)
 
 
+def array_cache_folder() -> Path:
+    """Where decoded splits are cached: `arrays` in $CIFAKE_CACHE_DIR (default ~/.cache/cifake); safe to delete."""
+    return cache_dir() / "arrays"
+
+
+def _split_cache_key(rows: pd.DataFrame, image_size: int) -> str:
+    # The split's images in order (their content hashes), the size and the preprocessing: any change to one of
+    # them (an image edited, added or removed; another cap, seed or size; new preprocessing) is another key.
+    content = hashlib.sha256("\n".join(rows.sha256).encode()).hexdigest()[:16]
+    return f"{content}-{image_size}px-p{PREPROCESSING_VERSION}"
+
+
+def _read_cached(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The cached images memory-mapped (copy-on-write: pages are shared until written), or None if absent or bad."""
+    try:
+        images = np.load(path, mmap_mode="c")
+    except (OSError, ValueError):
+        return None
+    return images if images.shape == shape and images.dtype == np.uint8 else None
+
+
+def _write_cached(path: Path, images: np.ndarray) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        if free < 2 * images.nbytes:  # a cache must never be what fills a disk
+            log.warning(
+                "not caching %.0f MB of decoded images: %.0f MB free in %s",
+                images.nbytes / 2**20,
+                free / 2**20,
+                path.parent,
+            )
+            return
+        with atomic_path(path) as temporary, temporary.open("wb") as handle:
+            np.save(handle, images)
+    except OSError as error:  # a full or read-only disk costs a decode next time, not this run
+        log.warning("could not cache decoded images in %s (%s); the next run decodes them again", path, error)
+
+
 def load_split_arrays(
-    prepared: PreparedData, split: str, image_size: int, num_workers: int
+    prepared: PreparedData, split: str, image_size: int, num_workers: int, cache_folder: Path | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Decode one split once into uint8 images (N, 3, S, S) and int64 labels (1 = ai), in manifest order."""
+    """Decode one split once into uint8 images (N, 3, S, S) and int64 labels (1 = ai), in manifest order.
+
+    With `cache_folder`, the decoded images are saved there (atomically) and a later call for the same images
+    at the same size memory-maps them instead of decoding again."""
     rows = prepared.manifest[prepared.manifest.split == split]
+    labels = (rows.label.to_numpy() == CLASS_NAMES[1]).astype(np.int64)
+    shape = (len(rows), 3, image_size, image_size)
+    cached = cache_folder / f"{split}-{_split_cache_key(rows, image_size)}.npy" if cache_folder else None
+    if cached is not None and (images := _read_cached(cached, shape)) is not None:
+        log.info("%s: %d decoded images from the cache %s", split, len(rows), cached)
+        return images, labels
     tasks = [(str(prepared.root / path), image_size) for path in rows.path]
-    images = np.empty((len(tasks), 3, image_size, image_size), dtype=np.uint8)
+    images = np.empty(shape, dtype=np.uint8)
     for index, array in enumerate(_parallel_map(_decode, tasks, num_workers)):
         images[index] = array
-    labels = (rows.label.to_numpy() == CLASS_NAMES[1]).astype(np.int64)
+    if cached is not None:
+        _write_cached(cached, images)
     return images, labels
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
 import shutil
 import tempfile
@@ -26,6 +25,8 @@ from io import BytesIO
 import numpy as np
 from PIL import Image
 
+from cifake_core.files import cache_dir
+
 DEMO_VERSION: str = "demo-v1"
 DEMO_TRAIN_PER_CLASS: int = 2000
 DEMO_TEST_PER_CLASS: int = 500
@@ -34,8 +35,6 @@ IMAGE_SIDE = 32
 SPLITS = ("train", "test")
 LABELS = ("FAKE", "REAL")
 
-CACHE_DIR_ENV = "CIFAKE_CACHE_DIR"
-DEFAULT_CACHE_DIR = pathlib.Path("~/.cache/cifake")
 MARKER_NAME = ".complete"
 README_NAME = "README.txt"
 TEMP_PREFIX_SUFFIX = ".partial-"
@@ -73,9 +72,7 @@ MAX_DRAWS_PER_IMAGE = 100
 
 def default_demo_dir() -> pathlib.Path:
     """$CIFAKE_CACHE_DIR/<DEMO_VERSION> if that variable is set, else ~/.cache/cifake/<DEMO_VERSION>."""
-    base = os.environ.get(CACHE_DIR_ENV)
-    cache = pathlib.Path(base) if base else DEFAULT_CACHE_DIR
-    return cache.expanduser() / DEMO_VERSION
+    return cache_dir() / DEMO_VERSION
 
 
 def ensure_demo_dataset(

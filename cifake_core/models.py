@@ -6,7 +6,7 @@ auto tries and falls back to random initialisation within seconds offline, true 
 from a local file (`pretrained_weights`). Checkpoints are self-describing: weights, config, epoch, metric.
 
 Usage:
-    model, weights_source = create_model(pretrained="auto", pretrained_weights="")
+    model, weights_source = create_model(pretrained="auto", pretrained_weights="", stem_stride=2)
     logits = model(torch.zeros(4, 3, 32, 32, dtype=torch.uint8))  # (4, 2)
 """
 
@@ -97,9 +97,17 @@ def _backbone(pretrained: str, pretrained_weights: str) -> tuple[torch.nn.Module
         return timm.create_model(ARCHITECTURE, pretrained=False, num_classes=len(CLASS_NAMES)), "random"
 
 
-def create_model(pretrained: str, pretrained_weights: str) -> tuple[ImageClassifier, str]:
+def _set_stem_stride(backbone: torch.nn.Module, stem_stride: int) -> torch.nn.Module:
+    # At 32 px the stride-2 stem halves CIFAKE's pixels before any feature is learnt; stride 1 keeps the
+    # weights' shapes (pretrained weights still load) and quadruples every later activation.
+    backbone.conv_stem.stride = (stem_stride, stem_stride)
+    return backbone
+
+
+def create_model(pretrained: str, pretrained_weights: str, stem_stride: int) -> tuple[ImageClassifier, str]:
     """The detector, and where its starting weights came from (`random`, `hub:...`, `file:...`)."""
     backbone, weights_source = _backbone(pretrained, pretrained_weights)
+    backbone = _set_stem_stride(backbone, stem_stride)
     return ImageClassifier(backbone, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), weights_source
 
 
@@ -122,6 +130,7 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[Ima
     """A model rebuilt from a checkpoint written by `save_checkpoint`, and the checkpoint's metadata."""
     checkpoint = torch.load(path, map_location=device, weights_only=True)
     backbone = timm.create_model(checkpoint["architecture"], pretrained=False, num_classes=len(CLASS_NAMES))
+    backbone = _set_stem_stride(backbone, checkpoint["config"].get("stem_stride", 2))
     model = ImageClassifier(backbone, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     model.load_state_dict(checkpoint["state_dict"])
     return model.to(device).eval(), {key: value for key, value in checkpoint.items() if key != "state_dict"}

@@ -31,7 +31,14 @@ from PIL import Image
 from cifake_core import CLASS_NAMES, distributed, tracking
 from cifake_core.calibration import calibration_report, expected_calibration_error, fit_temperature
 from cifake_core.config import DataConfig, RunConfig, TrainConfig
-from cifake_core.data import PreparedData, find_dataset_root, load_split_arrays, prepare_splits, write_split_files
+from cifake_core.data import (
+    PreparedData,
+    array_cache_folder,
+    find_dataset_root,
+    load_split_arrays,
+    prepare_splits,
+    write_split_files,
+)
 from cifake_core.demo import DEMO_VERSION, ensure_demo_dataset
 from cifake_core.engine import evaluate, predict_logits, prob_ai, resolve_device, to_device_tensors, train_one_epoch
 from cifake_core.errors import DatasetError
@@ -340,14 +347,19 @@ def _train(config: RunConfig, device: torch.device) -> TrainingResult | None:
         _log_prepared(prepared, work, context="training")
         _check_memory(len(prepared.manifest), config.model.image_size)
         started = time.perf_counter()
-        arrays = {
-            split: load_split_arrays(prepared, split, config.model.image_size, config.train.num_workers)
-            for split in ("train", "val", "test")
-        }
+        with distributed.local_main_first():  # one process per node decodes and caches, the others map the cache
+            arrays = {
+                split: load_split_arrays(
+                    prepared, split, config.model.image_size, config.train.num_workers, array_cache_folder()
+                )
+                for split in ("train", "val", "test")
+            }
         tracking.log_metrics({"decode_seconds": time.perf_counter() - started})
         splits = {split: to_device_tensors(*pair, device) for split, pair in arrays.items()}
 
-        model, weights_source = create_model(config.model.pretrained, config.model.pretrained_weights)
+        model, weights_source = create_model(
+            config.model.pretrained, config.model.pretrained_weights, config.model.stem_stride
+        )
         tracking.set_tags({"cifake.weights_source": weights_source, "cifake.device": str(device)})
         checkpoint = work / "best.pt"
         best = _train_epochs(
@@ -433,7 +445,9 @@ def evaluate_model(model_uri: str, config: RunConfig) -> dict[str, float]:
     ):
         prepared = prepare(root, name, config.data, config.train.num_workers)
         _log_prepared(prepared, Path(work_dir), context="evaluation")
-        images, labels = load_split_arrays(prepared, "test", scorer.image_size, config.train.num_workers)
+        images, labels = load_split_arrays(
+            prepared, "test", scorer.image_size, config.train.num_workers, array_cache_folder()
+        )
         scores = scorer.score_arrays(images)
         threshold = scorer.resolve_threshold("default")
         details = {

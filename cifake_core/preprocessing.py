@@ -27,6 +27,9 @@ ImageSource = bytes | str | Path | Image.Image
 # A 32x32 model gains nothing from gigapixel inputs, and decoding one can exhaust memory (a
 # decompression bomb), so anything larger than a 50-megapixel photo is refused before decoding.
 MAX_IMAGE_PIXELS = 50_000_000
+# Decoded arrays are cached under this number (`data.load_split_arrays`): raise it whenever a change here
+# changes the arrays this module produces, or runs would train on stale caches.
+PREPROCESSING_VERSION = 1
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
 
 

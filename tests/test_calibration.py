@@ -84,7 +84,7 @@ def test_perfectly_separated_validation_data_hits_the_bound_with_a_warning(caplo
 
 def test_the_exported_graph_applies_the_temperature(tmp_path: Path):
     torch.manual_seed(0)
-    model, _ = create_model(pretrained="false", pretrained_weights="")
+    model, _ = create_model(pretrained="false", pretrained_weights="", stem_stride=2)
     model.eval()
     with torch.no_grad():
         model.backbone.get_classifier().weight.mul_(50.0)  # logits far from 0, so the temperature shows

@@ -34,6 +34,7 @@ def test_defaults_then_yaml_then_overrides(tmp_path: Path):
         ({"lr": "fast"}, "lr must be a float"),
         ({"val_fraction": "1.5"}, "val_fraction must be a fraction"),
         ({"pretrained": "maybe"}, "pretrained must be one of auto|true|false"),
+        ({"stem_stride": "4"}, "stem_stride must be 1 or 2"),
         ({"promote": "sometimes"}, "promote must be one of auto|always|never"),
         ({"device": "tpu"}, "device must be auto, cpu, cuda, cuda:N or mps"),
         ({"default_threshold": "0.3"}, "default_threshold must be one of"),

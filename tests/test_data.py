@@ -1,6 +1,6 @@
 """Tests of `cifake_core.data`: finding a dataset root, building the splits, deduplication, skipping unreadable
-files, decoding every image mode through the dataset path, writing the split files, and the download's fast,
-offline failures.
+files, decoding every image mode through the dataset path, the decoded-image cache, writing the split files, and
+the download's fast, offline failures.
 
 Every dataset is made on the spot in a temporary folder (the `make_dataset` fixture); nothing touches the network.
 """
@@ -370,6 +370,70 @@ def test_every_image_mode_loads_as_uint8_rgb(make_dataset) -> None:
     assert np.all(images[index["rgba.png"]] == 255), "fully transparent pixels composite on white"
     grey = images[index["grey.png"]]
     assert np.array_equal(grey[0], grey[1]) and np.array_equal(grey[1], grey[2])
+
+
+# --- decoded-image cache ---------------------------------------------------------------------------------------------
+
+
+def _refuse_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(task: object) -> None:
+        raise AssertionError("decoded an image the cache should have supplied")
+
+    monkeypatch.setattr(data, "_decode", refuse)
+
+
+def test_a_second_load_maps_the_cache_instead_of_decoding(make_dataset, tmp_path: Path, monkeypatch) -> None:
+    prepared, cache = prepare(make_dataset(train=6, test=3)), tmp_path / "cache"
+    decoded, labels = load_split_arrays(prepared, "test", 16, num_workers=1, cache_folder=cache)
+    assert [path.suffix for path in cache.iterdir()] == [".npy"]  # one file, no temporary left
+    _refuse_decoding(monkeypatch)
+    mapped, mapped_labels = load_split_arrays(prepared, "test", 16, num_workers=1, cache_folder=cache)
+    assert isinstance(mapped, np.memmap)
+    np.testing.assert_array_equal(mapped, decoded)
+    np.testing.assert_array_equal(mapped_labels, labels)
+
+
+def test_changed_images_or_another_size_decode_afresh(make_dataset, tmp_path: Path) -> None:
+    root, cache = make_dataset(train=6, test=3), tmp_path / "cache"
+    before, _ = load_split_arrays(prepare(root), "test", 16, num_workers=1, cache_folder=cache)
+    changed = sorted((root / "test" / "FAKE").iterdir())[0]
+    changed.write_bytes(image_bytes(999))
+    after, _ = load_split_arrays(prepare(root), "test", 16, num_workers=1, cache_folder=cache)
+    assert not np.array_equal(before, after)
+    np.testing.assert_array_equal(after, load_split_arrays(prepare(root), "test", 16, num_workers=1)[0])
+    resized, _ = load_split_arrays(prepare(root), "test", 8, num_workers=1, cache_folder=cache)
+    assert resized.shape[-1] == 8 and len(list(cache.iterdir())) == 3
+
+
+def test_a_damaged_cache_file_is_decoded_again_and_replaced(make_dataset, tmp_path: Path) -> None:
+    prepared, cache = prepare(make_dataset(train=6, test=3)), tmp_path / "cache"
+    decoded, _ = load_split_arrays(prepared, "test", 16, num_workers=1, cache_folder=cache)
+    [cached] = cache.iterdir()
+    cached.write_bytes(cached.read_bytes()[:100])  # truncated, as by a full disk
+    again, _ = load_split_arrays(prepared, "test", 16, num_workers=1, cache_folder=cache)
+    np.testing.assert_array_equal(again, decoded)
+    assert isinstance(load_split_arrays(prepared, "test", 16, num_workers=1, cache_folder=cache)[0], np.memmap)
+
+
+def test_an_interrupted_cache_write_leaves_nothing_behind(make_dataset, tmp_path: Path, monkeypatch) -> None:
+    prepared, cache = prepare(make_dataset(train=6, test=3)), tmp_path / "cache"
+
+    def interrupted(handle: object, images: np.ndarray) -> None:
+        handle.write(b"\x93NUMPY half")  # type: ignore[attr-defined]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        load_split_arrays(prepared, "test", 16, num_workers=1, cache_folder=cache)
+    assert list(cache.iterdir()) == []
+
+
+def test_an_unwritable_cache_only_costs_a_decode(make_dataset, tmp_path: Path) -> None:
+    prepared = prepare(make_dataset(train=6, test=3))
+    blocked = tmp_path / "a file, not a folder"
+    blocked.write_text("")
+    images, _ = load_split_arrays(prepared, "test", 16, num_workers=1, cache_folder=blocked / "cache")
+    assert images.shape == (6, 3, 16, 16)
 
 
 # --- split files ------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from PIL import Image
 from cifake_core import demo
 from cifake_core.data import find_dataset_root, prepare_splits
 from cifake_core.demo import README_NAME, default_demo_dir, ensure_demo_dataset
+from cifake_core.files import CACHE_DIR_ENV
 
 TRAIN, TEST = 6, 2
 FOLDERS = ("train/FAKE", "train/REAL", "test/FAKE", "test/REAL")
@@ -106,7 +107,7 @@ def test_non_positive_counts_are_rejected(tmp_path: Path, train: int, test: int)
 
 
 def test_the_default_folder_follows_the_cache_variable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv(demo.CACHE_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path))
     assert default_demo_dir() == tmp_path / demo.DEMO_VERSION
 
 

@@ -86,7 +86,7 @@ def test_a_larger_image_is_explained_at_its_own_size():
 @pytest.fixture(scope="module")
 def mobilenet() -> models.ImageClassifier:
     torch.manual_seed(0)
-    return models.create_model(pretrained="false", pretrained_weights="")[0].eval()
+    return models.create_model(pretrained="false", pretrained_weights="", stem_stride=2)[0].eval()
 
 
 def test_the_stage_is_the_deepest_one_with_a_usable_map(mobilenet):

@@ -21,7 +21,7 @@ from cifake_core.onnx_runtime import INPUT_NAME, OUTPUT_NAME, onnx_session
 @pytest.fixture(scope="module")
 def random_model() -> models.ImageClassifier:
     torch.manual_seed(0)
-    model, source = models.create_model(pretrained="false", pretrained_weights="")
+    model, source = models.create_model(pretrained="false", pretrained_weights="", stem_stride=2)
     assert source == "random"
     return model.eval()
 
@@ -42,7 +42,7 @@ def test_model_takes_uint8_images_and_normalises_inside(random_model):
 def test_pretrained_auto_falls_back_to_random_within_seconds_offline(monkeypatch):
     monkeypatch.setattr(models, "host_reachable", lambda host: False)
     started = time.perf_counter()
-    _, source = models.create_model(pretrained="auto", pretrained_weights="")
+    _, source = models.create_model(pretrained="auto", pretrained_weights="", stem_stride=2)
     assert source == "random"
     assert time.perf_counter() - started < 20
 
@@ -50,7 +50,7 @@ def test_pretrained_auto_falls_back_to_random_within_seconds_offline(monkeypatch
 def test_pretrained_true_fails_with_a_clear_message_offline(monkeypatch):
     monkeypatch.setattr(models, "host_reachable", lambda host: False)
     with pytest.raises(PretrainedWeightsError, match="pretrained_weights=PATH"):
-        models.create_model(pretrained="true", pretrained_weights="")
+        models.create_model(pretrained="true", pretrained_weights="", stem_stride=2)
 
 
 def test_pretrained_weights_file_is_loaded(tmp_path: Path):
@@ -58,7 +58,7 @@ def test_pretrained_weights_file_is_loaded(tmp_path: Path):
     imagenet_like = timm.create_model(models.ARCHITECTURE, pretrained=False, num_classes=1000)
     weights = tmp_path / "imagenet.pth"
     torch.save(imagenet_like.state_dict(), weights)
-    model, source = models.create_model(pretrained="auto", pretrained_weights=str(weights))
+    model, source = models.create_model(pretrained="auto", pretrained_weights=str(weights), stem_stride=2)
     assert source == "file:imagenet.pth"
     stem = "conv_stem.weight"
     torch.testing.assert_close(model.backbone.state_dict()[stem], imagenet_like.state_dict()[stem])
@@ -69,7 +69,7 @@ def test_broken_pretrained_weights_file_is_a_clear_error(tmp_path: Path):
     broken = tmp_path / "broken.pth"
     broken.write_bytes(b"not a checkpoint")
     with pytest.raises(PretrainedWeightsError, match="could not load pretrained_weights"):
-        models.create_model(pretrained="auto", pretrained_weights=str(broken))
+        models.create_model(pretrained="auto", pretrained_weights=str(broken), stem_stride=2)
 
 
 def test_checkpoint_is_self_describing_and_round_trips(random_model, tmp_path: Path):
@@ -110,6 +110,22 @@ def test_onnx_export_matches_pytorch_with_a_dynamic_batch(random_model, tmp_path
             expected = prob_ai(random_model(torch.from_numpy(batch))).numpy()
         actual = session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
         np.testing.assert_allclose(actual, expected, atol=1e-4)
+
+
+def test_a_stride_1_stem_keeps_twice_the_resolution_through_checkpoint_and_onnx(random_model, tmp_path: Path):
+    torch.manual_seed(1)
+    model, _ = models.create_model(pretrained="false", pretrained_weights="", stem_stride=1)
+    model.eval()
+    images = torch.from_numpy(_batch(4))
+    with torch.no_grad():
+        assert model.backbone.forward_features(images.float()).shape[-1] == 2
+        assert random_model.backbone.forward_features(images.float()).shape[-1] == 1
+    path = tmp_path / "best.pt"
+    models.save_checkpoint(path, model, {"stem_stride": 1}, epoch=1, metrics={})
+    restored, _ = models.load_checkpoint(path)
+    assert restored.backbone.conv_stem.stride == (1, 1)
+    report = export_onnx(restored, 32, tmp_path / "model.onnx", check_batch=_batch(8))
+    assert report["onnx_max_abs_diff"] < 1e-4
 
 
 def test_onnx_export_refuses_a_graph_that_disagrees(random_model, tmp_path: Path, monkeypatch):

@@ -248,7 +248,7 @@ def test_augment_degrades_about_half_the_images_reproducibly():
 
 def test_training_with_augment_runs_a_step():
     torch.manual_seed(0)
-    model, _ = create_model(pretrained="false", pretrained_weights="")
+    model, _ = create_model(pretrained="false", pretrained_weights="", stem_stride=2)
     images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (8, 3, 32, 32), dtype=np.uint8))
     labels = torch.tensor([0, 1] * 4)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
