@@ -27,6 +27,7 @@ import numpy as np
 import onnxruntime
 import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -117,10 +118,11 @@ def main() -> None:
         calibration, _ = load_split_arrays(prepared, "val", image_size, num_workers=0)
         calibration = calibration[np.random.default_rng(0).permutation(len(calibration))[:CALIBRATION_IMAGES]]
 
-        fp32_path, int8_path = work / "model.onnx", work / "model.int8.onnx"
+        fp32_path, prepared_path, int8_path = work / "model.onnx", work / "model.pre.onnx", work / "model.int8.onnx"
         export_onnx(model, image_size, fp32_path, check_batch=test_images[:16])
+        quant_pre_process(fp32_path, prepared_path)  # folds BatchNorm and infers shapes, as onnxruntime advises
         quantize_static(
-            str(fp32_path),
+            str(prepared_path),
             str(int8_path),
             _Calibration(calibration),
             quant_format=QuantFormat.QDQ,

@@ -25,6 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from cifake_core.config import ModelConfig
 from cifake_core.engine import resolve_device
 from cifake_core.models import create_model
 
@@ -60,11 +61,11 @@ def loader_images_per_second(images, labels, batch_size: int, steps: int, device
 
 
 def step_images_per_second(
-    variant: str, images, labels, batch_size: int, steps: int, warmup: int, device: torch.device
+    variant: str, images, labels, batch_size: int, steps: int, warmup: int, device: torch.device, stem_stride: int
 ) -> tuple[float, float]:
     """Images/s of training steps with `variant`, and the seconds its warm-up took (compilation included)."""
     torch.manual_seed(0)
-    model, _ = create_model(pretrained="false", pretrained_weights="", stem_stride=2)
+    model, _ = create_model(pretrained="false", pretrained_weights="", stem_stride=stem_stride)
     model = model.to(device)
     if variant != "eager_fp32":
         model = model.to(memory_format=torch.channels_last)
@@ -92,18 +93,20 @@ def step_images_per_second(
     return batch_size * steps / (time.perf_counter() - started), warmup_seconds
 
 
-def _one_thread_worker(arguments: tuple[int, int, int, int]) -> float:
-    batch_size, image_size, steps, warmup = arguments
+def _one_thread_worker(arguments: tuple[int, int, int, int, int]) -> float:
+    batch_size, image_size, steps, warmup, stem_stride = arguments
     torch.set_num_threads(1)
     images, labels = _images(batch_size * 4, image_size, torch.device("cpu"))
-    return step_images_per_second("channels_last", images, labels, batch_size, steps, warmup, torch.device("cpu"))[0]
+    cpu = torch.device("cpu")
+    return step_images_per_second("channels_last", images, labels, batch_size, steps, warmup, cpu, stem_stride)[0]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--image_size", type=int, default=32)
+    parser.add_argument("--image_size", type=int, default=ModelConfig.image_size)
+    parser.add_argument("--stem_stride", type=int, default=ModelConfig.stem_stride, choices=(1, 2))
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compiling)")
@@ -121,6 +124,7 @@ def main() -> None:
         "torch": torch.__version__,
         "batch_size": batch_size,
         "image_size": arguments.image_size,
+        "stem_stride": arguments.stem_stride,
     }
     print(f"[bench] {machine}", flush=True)
     results = {"loader": loader_images_per_second(images, labels, batch_size, steps, device)}
@@ -129,11 +133,11 @@ def main() -> None:
     variants = ["eager_fp32", "channels_last", "channels_last_bf16"] + (["channels_last_compile"] * arguments.compile)
     for variant in variants:
         results[variant], warmups[variant] = step_images_per_second(
-            variant, images, labels, batch_size, steps, warmup, device
+            variant, images, labels, batch_size, steps, warmup, device, arguments.stem_stride
         )
         print(f"[bench] {variant}: {results[variant]:.0f} img/s (warm-up {warmups[variant]:.1f} s)", flush=True)
     if arguments.processes and device.type == "cpu":
-        work = [(batch_size, arguments.image_size, steps, warmup)] * arguments.processes
+        work = [(batch_size, arguments.image_size, steps, warmup, arguments.stem_stride)] * arguments.processes
         name = f"{arguments.processes}x1_thread_processes"
         with multiprocessing.get_context("spawn").Pool(arguments.processes) as pool:
             results[name] = sum(pool.map(_one_thread_worker, work))

@@ -51,7 +51,7 @@ class ModelConfig:
     pretrained: str = field(default="auto", metadata=_help("ImageNet weights from the hub: auto|true|false"))
     pretrained_weights: str = field(default="", metadata=_help("local weights file; overrides the hub"))
     stem_stride: int = field(
-        default=2, metadata=_help("stride of the first convolution: 2 (timm's) or 1 (full resolution, ~4x compute)")
+        default=1, metadata=_help("stride of the first convolution: 1 (keeps 32 px inputs whole) or 2 (timm's)")
     )
 
 

@@ -6,7 +6,7 @@ auto tries and falls back to random initialisation within seconds offline, true 
 from a local file (`pretrained_weights`). Checkpoints are self-describing: weights, config, epoch, metric.
 
 Usage:
-    model, weights_source = create_model(pretrained="auto", pretrained_weights="", stem_stride=2)
+    model, weights_source = create_model(pretrained="auto", pretrained_weights="", stem_stride=1)
     logits = model(torch.zeros(4, 3, 32, 32, dtype=torch.uint8))  # (4, 2)
 """
 
@@ -98,7 +98,7 @@ def _backbone(pretrained: str, pretrained_weights: str) -> tuple[torch.nn.Module
 
 
 def _set_stem_stride(backbone: torch.nn.Module, stem_stride: int) -> torch.nn.Module:
-    # At 32 px the stride-2 stem halves CIFAKE's pixels before any feature is learnt; stride 1 keeps the
+    # At 32 px timm's stride-2 stem halves CIFAKE's pixels before any feature is learnt; stride 1 keeps the
     # weights' shapes (pretrained weights still load) and quadruples every later activation.
     backbone.conv_stem.stride = (stem_stride, stem_stride)
     return backbone
