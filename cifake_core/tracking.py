@@ -147,10 +147,16 @@ def tracked_run(experiment_name: str, run_name: str, tags: dict[str, str] | None
         return
     configure_tracking()
     resumed_id = os.environ.get("MLFLOW_RUN_ID")
-    if not resumed_id:
-        mlflow.set_experiment(experiment_name)
+    # By id, not by the active experiment: when another process creates the experiment a moment earlier,
+    # mlflow.set_experiment returns it without making it active, and the run would land in `Default`.
+    experiment_id = None if resumed_id else mlflow.set_experiment(experiment_name).experiment_id
     end_abandoned_runs(experiment_name)
-    run = mlflow.start_run(run_id=resumed_id or None, run_name=None if resumed_id else run_name, tags=tags)
+    run = mlflow.start_run(
+        run_id=resumed_id or None,
+        experiment_id=experiment_id,
+        run_name=None if resumed_id else run_name,
+        tags=tags,
+    )
     status, error_text = "FINISHED", ""
     heartbeat = _Heartbeat(run.info.run_id)
     try:

@@ -21,7 +21,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from cifake_core import pipeline
+from cifake_core import pipeline, tracking
 from cifake_core.cli import main
 from cifake_core.config import load_config
 from cifake_core.onnx_runtime import INPUT_NAME, OUTPUT_NAME, onnx_session
@@ -223,6 +223,25 @@ def test_a_failure_after_promotion_puts_production_back(tiny_demo: Path, trackin
     with pytest.raises(RuntimeError, match="went away"):
         pipeline.train(_config(tiny_demo, promote="always"))
     assert _versions() == ["1"] and _production() == "1"
+
+
+def test_a_run_lands_in_its_experiment_when_another_process_just_created_it(tracking_store: str, monkeypatch):
+    experiment_id = MlflowClient().create_experiment("raced")
+    # What the losing process of a creation race sees: no experiment yet, then "already exists" on creating it.
+    service = mlflow.tracking._tracking_service.client.TrackingServiceClient
+    real_lookup, first_lookup = service.get_experiment_by_name, [True]
+
+    def lookup(self, name: str):
+        if first_lookup.pop() if first_lookup else False:
+            return None
+        return real_lookup(self, name)
+
+    monkeypatch.setattr(service, "get_experiment_by_name", lookup)
+    with tracking.tracked_run("raced", "train") as run_id:
+        pass
+    monkeypatch.undo()
+    assert not first_lookup  # the race path was taken
+    assert MlflowClient().get_run(run_id).info.experiment_id == experiment_id
 
 
 def test_evaluating_a_missing_model_is_one_clear_line_and_starts_no_run(tracking_store: str, capsys):
