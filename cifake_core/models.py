@@ -130,6 +130,7 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[Ima
     """A model rebuilt from a checkpoint written by `save_checkpoint`, and the checkpoint's metadata."""
     checkpoint = torch.load(path, map_location=device, weights_only=True)
     backbone = timm.create_model(checkpoint["architecture"], pretrained=False, num_classes=len(CLASS_NAMES))
+    # Checkpoints written before `stem_stride` existed were trained with timm's stride 2.
     backbone = _set_stem_stride(backbone, checkpoint["config"].get("stem_stride", 2))
     model = ImageClassifier(backbone, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     model.load_state_dict(checkpoint["state_dict"])

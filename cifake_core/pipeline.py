@@ -162,7 +162,7 @@ def _train_epochs(
 ) -> dict[str, float]:
     """The epoch loop, in every process; keeps the best epoch by val AUC in `checkpoint` (written by rank 0)
     and returns its metrics."""
-    # channels_last: 1.29x the training throughput of NCHW on a CPU (bench/training_step.py, docs/BENCHMARKS.md).
+    # channels_last: 1.2-1.3x the training throughput of NCHW on a CPU (bench/training_step.py, docs/BENCHMARKS.md).
     model = model.to(memory_format=torch.channels_last)
     parallel_model = distributed.wrap(model, device)
     optimizer = torch.optim.AdamW(parallel_model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
