@@ -1,0 +1,58 @@
+"""The premise of bench/memory.py: its repeated dataset survives deduplication, with the original's pixels."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from cifake_core.data import load_split_arrays, prepare_splits
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _bench_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _prepare(root: Path):
+    return prepare_splits(root, val_fraction=0.25, max_train_per_class=0, max_test_per_class=0, seed=0, num_workers=1)
+
+
+def test_repeated_dataset_keeps_every_copy_with_the_same_pixels(
+    make_dataset: Callable[..., Path], tmp_path: Path
+) -> None:
+    memory = _bench_module("memory")
+    original = _prepare(make_dataset(train=8, test=3))
+    repeated = _prepare(memory.build_copies(original.root, tmp_path / "x3", copies=3))
+
+    assert len(repeated.manifest) == 3 * len(original.manifest)
+    assert sum(repeated.summary["duplicates"].values()) == 0
+    images, _ = load_split_arrays(repeated, "test", 32, num_workers=1)
+    copies = repeated.manifest[repeated.manifest.split == "test"].path.str.replace(r"\.copy\d", "", regex=True)
+    original_images, _ = load_split_arrays(original, "test", 32, num_workers=1)
+    by_path = dict(zip(original.manifest[original.manifest.split == "test"].path, original_images, strict=True))
+    for path, image in zip(copies, images, strict=True):
+        np.testing.assert_array_equal(image, by_path[path])
+
+
+def test_an_interrupted_build_is_rebuilt_and_a_finished_one_reused(
+    make_dataset: Callable[..., Path], tmp_path: Path
+) -> None:
+    memory = _bench_module("memory")
+    source = make_dataset(train=4, test=2)
+    destination = tmp_path / "x2"
+    (destination / "train" / "FAKE").mkdir(parents=True)
+    (destination / "train" / "FAKE" / "half-written.jpg").write_bytes(b"")
+
+    memory.build_copies(source, destination, copies=2)
+    assert not (destination / "train" / "FAKE" / "half-written.jpg").exists()
+    built = sorted(path.stat().st_mtime_ns for path in destination.rglob("*.jpg"))
+    memory.build_copies(source, destination, copies=2)
+    assert sorted(path.stat().st_mtime_ns for path in destination.rglob("*.jpg")) == built
+    assert len(list(destination.rglob("*.jpg"))) == 2 * len(list(source.rglob("*.jpg")))
