@@ -114,10 +114,11 @@ def train_one_epoch(
     generator: torch.Generator,
     description: str = "train",
     augment: bool = False,
+    label_smoothing: float = 0.0,
 ) -> dict[str, float]:
     """One pass over the training images at `order` (this process's share of the epoch, shuffled; see
     `distributed.epoch_sampler`): loss, accuracy, learning rate and speed, summed over all processes.
-    `augment` adds the `degrade` augmentations to the random flip."""
+    `augment` adds the `degrade` augmentations to the random flip; `train_loss` is the smoothed loss."""
     model.train()
     started = time.perf_counter()
     order = torch.as_tensor(order, dtype=torch.long, device=images.device)
@@ -131,7 +132,7 @@ def train_one_epoch(
             batch = degrade(batch, generator)
         targets = labels[index].to(device, non_blocking=True)
         logits = model(batch.contiguous(memory_format=torch.channels_last))
-        loss = F.cross_entropy(logits, targets)
+        loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -187,6 +187,7 @@ def _train_epochs(
             generator,
             description=f"epoch {epoch}/{train.epochs}",
             augment=train.augment == "true",
+            label_smoothing=train.label_smoothing,
         )
         distributed.sync_buffers(model)
         metrics |= evaluate(model, *splits["val"], EVAL_BATCH_SIZE, device, prefix="val")

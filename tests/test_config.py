@@ -35,6 +35,7 @@ def test_defaults_then_yaml_then_overrides(tmp_path: Path):
         ({"val_fraction": "1.5"}, "val_fraction must be a fraction"),
         ({"pretrained": "maybe"}, "pretrained must be one of auto|true|false"),
         ({"stem_stride": "4"}, "stem_stride must be 1 or 2"),
+        ({"label_smoothing": "0.9"}, "label_smoothing must be between 0 and 0.5"),
         ({"promote": "sometimes"}, "promote must be one of auto|always|never"),
         ({"device": "tpu"}, "device must be auto, cpu, cuda, cuda:N or mps"),
         ({"default_threshold": "0.3"}, "default_threshold must be one of"),

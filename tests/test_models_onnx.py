@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
@@ -147,6 +148,35 @@ def test_an_epoch_whose_last_batch_would_hold_one_image_trains(random_model):
     metrics = train_one_epoch(model, images, labels, order, optimizer, scheduler, 16, torch.device("cpu"), generator)
     assert metrics["images_per_second"] > 0 and np.isfinite(metrics["train_loss"])
     random_model.eval()
+
+
+def test_label_smoothing_reaches_the_training_loss(random_model):
+    from cifake_core.engine import train_one_epoch
+
+    model = copy.deepcopy(random_model).train()
+    half = torch.from_numpy(_batch(16, size=32)[..., :16])
+    images = torch.cat([half, half.flip(-1)], dim=-1)  # mirror-symmetric, so the random flip changes nothing
+    labels = torch.tensor([0, 1] * 8)
+    with torch.no_grad():
+        logits = model(images.contiguous(memory_format=torch.channels_last))
+    for smoothing in (0.0, 0.3):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # weights stay put: both epochs see the same logits
+        scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+        metrics = train_one_epoch(
+            model,
+            images,
+            labels,
+            torch.arange(16),
+            optimizer,
+            scheduler,
+            16,
+            torch.device("cpu"),
+            torch.Generator().manual_seed(0),
+            label_smoothing=smoothing,
+        )
+        expected = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=smoothing)
+        assert metrics["train_loss"] == pytest.approx(float(expected), rel=1e-4)
+    assert float(expected) != pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)), rel=1e-3)
 
 
 @pytest.mark.gpu
