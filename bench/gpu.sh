@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# GPU figures in one go, for a CUDA machine whose Python already holds PyTorch, timm, onnx and onnxruntime
+# (mlflow and the rest can come as wheels in .whl/, for a machine without a package registry):
+#   1. the whole default training run (`experiments/stage.py train`, every default: decode, 8 epochs,
+#      test, calibration, ONNX export, registration, robustness) on a dataset of CIFAKE's size and layout,
+#      built from a folder of images repeated K times (`bench/memory.py`'s byte-distinct copies): its
+#      timings are what CIFAKE would cost, its AUC means nothing (the copies leak into the test split);
+#   2. the training step at batch 128 and 1024 (`bench/training_step.py`), `torch.compile` last.
+# Every figure lands in OUT_FOLDER.
+#
+# Usage:
+#   bash bench/gpu.sh OUT_FOLDER SOURCE_FOLDER [COPIES [TRAINING FLAGS...]]
+#   bash bench/gpu.sh /tmp/gpu ~/.cache/cifake/demo-v1 24                 # 5,000 demo images x 24 = 120,000, as CIFAKE
+#   bash bench/gpu.sh /tmp/gpu ~/.cache/cifake/demo-v1 2 --epochs 1 --device cpu   # a quick check of the script
+set -uo pipefail
+out=${1:?usage: bash bench/gpu.sh OUT_FOLDER SOURCE_FOLDER [COPIES]}
+source_folder=${2:?usage: bash bench/gpu.sh OUT_FOLDER SOURCE_FOLDER [COPIES]}
+copies=${3:-24}
+shift $(( $# < 3 ? $# : 3 ))  # what is left overrides the training run's flags
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 CIFAKE_CACHE_DIR=/tmp/cifake_gpu_cache
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+python3 -c "import torch, timm, mlflow; print('torch', torch.__version__, 'timm', timm.__version__, 'mlflow', mlflow.__version__)" \
+    | tee -a "$out/gpu.txt" || exit 1
+
+data=/tmp/cifake_gpu_x$copies
+python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'bench'); import memory; \
+memory.build_copies(Path('$source_folder').resolve(), Path('$data'), $copies)" >/dev/null || exit 1
+started=$(date +%s%N)
+MLFLOW_TRACKING_URI=sqlite:////tmp/cifake_gpu_runs.db timeout 300 \
+    python3 experiments/stage.py train --data_dir "$data" --device cuda "$@" 2>&1 | tee "$out/default_run.log"
+echo "whole default run: exit ${PIPESTATUS[0]}, $(( ($(date +%s%N) - started) / 1000000 )) ms wall" | tee -a "$out/default_run.log"
+
+timeout 90 python3 bench/training_step.py --device cuda --batch_size 1024 --steps 40 --warmup 5 --output "$out/step_1024.json"
+timeout 170 python3 bench/training_step.py --device cuda --batch_size 128 --steps 200 --warmup 10 --compile \
+    --output "$out/step_128.json" 2>&1 | tee "$out/step_128.log"
