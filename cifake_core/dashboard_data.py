@@ -21,7 +21,18 @@ from PIL import Image
 from cifake_core.preprocessing import ImageSource, load_rgb
 from cifake_core.tracking import PRODUCTION_ALIAS
 
-KEY_PARAMS = ("epochs", "batch_size", "lr", "weight_decay", "image_size", "pretrained", "max_train_per_class", "seed")
+KEY_PARAMS = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "label_smoothing",
+    "image_size",
+    "stem_stride",
+    "pretrained",
+    "max_train_per_class",
+    "seed",
+)
 EPOCH_METRICS = ("train_loss", "val_loss", "val_auc", "val_f1", "learning_rate")
 TEST_METRICS = ("test_auc", "test_f1", "test_accuracy", "test_precision", "test_recall", "test_fpr")
 FINISHED = "FINISHED"
