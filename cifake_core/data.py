@@ -5,12 +5,13 @@ REAL), possibly one folder down as the Kaggle zip unpacks. Splits are never copi
 (path, label, split, sha256) and `dataset_summary.json` says how it was built. Exact duplicates are found
 by content hash: inside a split one copy is kept, and a train image whose bytes also occur in test is
 dropped from train, so the test split stays the published one and holds nothing the model trained on.
-Unreadable images are skipped and listed, never fatal. Decoded splits are cached as uint8 `.npy` files
-(`array_cache_folder()`), keyed by their content, and memory-mapped by later runs.
+Unreadable images are skipped and listed, never fatal. Each file's hash and check are remembered by path, size
+and times (`scan_cache_folder()`), so a later scan of an unchanged folder reads no image; decoded
+splits are cached as uint8 `.npy` files (`array_cache_folder()`), keyed by their content, and memory-mapped.
 
 Usage:
     prepared = prepare_splits(find_dataset_root("/data/cifake"), val_fraction=0.1, max_train_per_class=0,
-                              max_test_per_class=0, seed=42, num_workers=2)
+                              max_test_per_class=0, seed=42, num_workers=2, cache_folder=scan_cache_folder())
     images, labels = load_split_arrays(prepared, "train", 32, num_workers=2, cache_folder=array_cache_folder())
 """
 
@@ -124,7 +125,73 @@ def _parallel_map(function: Callable, items: Sequence, num_workers: int) -> Iter
         executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _scan(root: Path, num_workers: int) -> tuple[list[dict[str, str]], list[dict[str, str]], dict]:
+def scan_cache_folder() -> Path:
+    """Where scans remember each file's hash and check: `scans` in $CIFAKE_CACHE_DIR (default ~/.cache/cifake);
+    safe to delete."""
+    return cache_dir() / "scans"
+
+
+def _file_key(path: Path) -> list[int] | None:
+    try:
+        status = path.stat()
+    except OSError:  # gone since the folder was listed: `_inspect_file` reports it
+        return None
+    # ctime too: a chmod that makes a file unreadable changes it and leaves the mtime alone.
+    return [status.st_size, status.st_mtime_ns, status.st_ctime_ns]
+
+
+def _read_inspections(path: Path) -> dict[str, list]:
+    """{relative path: [size, mtime_ns, ctime_ns, sha256, problem]} from an earlier scan; {} if absent, damaged or
+    stale."""
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    # A new decoder may accept or refuse other files, so a check made by an older one is not reused.
+    fresh = isinstance(stored, dict) and stored.get("preprocessing") == PREPROCESSING_VERSION
+    return stored["files"] if fresh and isinstance(stored.get("files"), dict) else {}
+
+
+def _write_inspections(path: Path, files: dict[str, list]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as temporary:
+            temporary.write_text(json.dumps({"preprocessing": PREPROCESSING_VERSION, "files": files}))
+    except OSError as error:  # a read-only or full disk costs a full scan next time, not this run
+        log.warning("could not remember this scan in %s (%s); the next scan reads every file again", path, error)
+
+
+def _inspect_all(root: Path, paths: list[Path], num_workers: int, cache_folder: Path | None) -> list[tuple[str, str]]:
+    """`_inspect_file` of every path; with `cache_folder`, only of files whose size or mtime changed since the
+    last scan of `root` (size, mtime and ctime), and the results are remembered for the next one."""
+    if cache_folder is None:
+        return list(_parallel_map(_inspect_file, paths, num_workers))
+    cache_file = cache_folder / f"{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]}.json"
+    known = _read_inspections(cache_file)
+    relatives = [path.relative_to(root).as_posix() for path in paths]
+    keys = [_file_key(path) for path in paths]
+    results: list[tuple[str, str] | None] = []
+    for relative, key in zip(relatives, keys, strict=True):
+        entry = known.get(relative)
+        reusable = key is not None and isinstance(entry, list) and len(entry) == 5 and entry[:3] == key
+        results.append((str(entry[3]), str(entry[4])) if reusable else None)
+    stale = [index for index, result in enumerate(results) if result is None]
+    for index, result in zip(stale, _parallel_map(_inspect_file, [paths[i] for i in stale], num_workers), strict=True):
+        results[index] = result
+    if stale:
+        # An unreadable file (no digest) is not remembered: permissions may be fixed without touching its mtime.
+        remembered = {
+            relative: [*key, digest, problem]
+            for relative, key, (digest, problem) in zip(relatives, keys, results, strict=True)
+            if key is not None and digest
+        }
+        _write_inspections(cache_file, remembered)
+    return results
+
+
+def _scan(
+    root: Path, num_workers: int, cache_folder: Path | None
+) -> tuple[list[dict[str, str]], list[dict[str, str]], dict]:
     """Every readable image file under the four folders, the skipped files with reasons, and raw counts."""
     candidates: list[tuple[str, str, Path]] = []
     skipped: list[dict[str, str]] = []
@@ -137,7 +204,7 @@ def _scan(root: Path, num_workers: int) -> tuple[list[dict[str, str]], list[dict
                     candidates.append((source, label, path))
                 else:
                     skipped.append({"path": relative, "reason": "not an image file extension"})
-    inspections = _parallel_map(_inspect_file, [path for _, _, path in candidates], num_workers)
+    inspections = _inspect_all(root, [path for _, _, path in candidates], num_workers, cache_folder)
     records: list[dict[str, str]] = []
     found: dict[str, dict[str, int]] = {source: dict.fromkeys(CLASS_NAMES, 0) for source in SOURCE_SPLITS}
     for (source, label, path), (digest, problem) in zip(candidates, inspections, strict=True):
@@ -221,9 +288,11 @@ def prepare_splits(
     seed: int,
     num_workers: int,
     dataset_name: str | None = None,
+    cache_folder: Path | None = None,
 ) -> PreparedData:
-    """Scan, deduplicate, cap and split a verified dataset root; the same inputs and seed give the same result."""
-    records, skipped, found = _scan(root, num_workers)
+    """Scan, deduplicate, cap and split a verified dataset root; the same inputs and seed give the same result.
+    With `cache_folder`, files unchanged since an earlier scan of the same root are not read again."""
+    records, skipped, found = _scan(root, num_workers, cache_folder)
     unique, duplicates = _deduplicate(records)
     assigned = _assign_splits(unique, val_fraction, max_train_per_class, max_test_per_class, seed)
     manifest = pd.DataFrame(assigned, columns=["path", "label", "split", "sha256"])

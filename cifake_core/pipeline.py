@@ -37,6 +37,7 @@ from cifake_core.data import (
     find_dataset_root,
     load_split_arrays,
     prepare_splits,
+    scan_cache_folder,
     write_split_files,
 )
 from cifake_core.demo import DEMO_VERSION, ensure_demo_dataset
@@ -84,6 +85,7 @@ def prepare(root: Path, name: str, data: DataConfig, num_workers: int) -> Prepar
         data.seed,
         num_workers,
         dataset_name=name,
+        cache_folder=scan_cache_folder(),
     )
 
 

@@ -1,12 +1,13 @@
 """Tests of `cifake_core.data`: finding a dataset root, building the splits, deduplication, skipping unreadable
-files, decoding every image mode through the dataset path, the decoded-image cache, writing the split files, and
-the download's fast, offline failures.
+files, decoding every image mode through the dataset path, the scan and decoded-image caches, writing the split
+files, and the download's fast, offline failures.
 
 Every dataset is made on the spot in a temporary folder (the `make_dataset` fixture); nothing touches the network.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -434,6 +435,59 @@ def test_an_unwritable_cache_only_costs_a_decode(make_dataset, tmp_path: Path) -
     blocked.write_text("")
     images, _ = load_split_arrays(prepared, "test", 16, num_workers=1, cache_folder=blocked / "cache")
     assert images.shape == (6, 3, 16, 16)
+
+
+# --- the scan cache ---------------------------------------------------------------------------------------------------
+
+
+def _prepare_cached(root: Path, cache: Path) -> PreparedData:
+    return prepare_splits(root, 0.25, 0, 0, seed=0, num_workers=1, cache_folder=cache)
+
+
+def test_a_second_scan_of_an_unchanged_folder_reads_no_file(make_dataset, tmp_path: Path, monkeypatch) -> None:
+    root, cache = make_dataset(train=6, test=3), tmp_path / "scans"
+    (root / "train/FAKE/broken.jpg").write_bytes(b"not an image")
+    first = _prepare_cached(root, cache)
+    assert [path.suffix for path in cache.iterdir()] == [".json"]  # one file, no temporary left
+
+    def refuse(path: Path) -> None:
+        raise AssertionError(f"read {path} although it did not change")
+
+    monkeypatch.setattr(data, "_inspect_file", refuse)
+    second = _prepare_cached(root, cache)
+    pd.testing.assert_frame_equal(second.manifest, first.manifest)
+    assert second.summary == first.summary  # the broken file still skipped, with its reason
+    assert "train/FAKE/broken.jpg" in {entry["path"] for entry in second.summary["skipped"]}
+
+
+def test_only_files_changed_since_the_last_scan_are_read_again(make_dataset, tmp_path: Path, monkeypatch) -> None:
+    root, cache = make_dataset(train=6, test=3), tmp_path / "scans"
+    first = _prepare_cached(root, cache)
+    edited, chmodded = sorted((root / "test" / "REAL").iterdir())[:2]
+    edited.write_bytes(image_bytes(4242))
+    os.chmod(chmodded, 0o644)  # content and mtime unchanged, ctime moves: permissions may have changed
+    read: list[Path] = []
+    inspect = data._inspect_file
+    monkeypatch.setattr(data, "_inspect_file", lambda path: read.append(path) or inspect(path))
+    second = _prepare_cached(root, cache)
+    assert sorted(read) == [edited, chmodded]
+    digests = [
+        prepared.manifest.set_index("path").sha256[edited.relative_to(root).as_posix()] for prepared in (first, second)
+    ]
+    assert digests[1] == hashlib.sha256(image_bytes(4242)).hexdigest() != digests[0]
+
+
+def test_a_damaged_or_unwritable_scan_cache_only_costs_a_full_scan(make_dataset, tmp_path: Path) -> None:
+    root, cache = make_dataset(train=6, test=3), tmp_path / "scans"
+    first = _prepare_cached(root, cache)
+    [remembered] = cache.iterdir()
+    remembered.write_text('{"preprocessing": ')  # cut short, as by a full disk
+    pd.testing.assert_frame_equal(_prepare_cached(root, cache).manifest, first.manifest)
+    found = sum(count for split in first.summary["images_found"].values() for count in split.values())
+    assert len(json.loads(remembered.read_text())["files"]) == found  # written whole again
+    blocked = tmp_path / "a file, not a folder"
+    blocked.write_text("")
+    pd.testing.assert_frame_equal(_prepare_cached(root, blocked / "scans").manifest, first.manifest)
 
 
 # --- split files ------------------------------------------------------------------------------------------------------
