@@ -161,14 +161,15 @@ def _write_inspections(path: Path, files: dict[str, list]) -> None:
         log.warning("could not remember this scan in %s (%s); the next scan reads every file again", path, error)
 
 
-def _inspect_all(root: Path, paths: list[Path], num_workers: int, cache_folder: Path | None) -> list[tuple[str, str]]:
-    """`_inspect_file` of every path; with `cache_folder`, only of files whose size or mtime changed since the
-    last scan of `root` (size, mtime and ctime), and the results are remembered for the next one."""
+def _inspect_all(
+    root: Path, paths: list[Path], relatives: list[str], num_workers: int, cache_folder: Path | None
+) -> list[tuple[str, str]]:
+    """`_inspect_file` of every path (`relatives`: the same, relative to `root`); with `cache_folder`, only of
+    the files whose size, mtime or ctime changed since the last scan of `root`, remembering the results."""
     if cache_folder is None:
         return list(_parallel_map(_inspect_file, paths, num_workers))
     cache_file = cache_folder / f"{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]}.json"
     known = _read_inspections(cache_file)
-    relatives = [path.relative_to(root).as_posix() for path in paths]
     keys = [_file_key(path) for path in paths]
     results: list[tuple[str, str] | None] = []
     for relative, key in zip(relatives, keys, strict=True):
@@ -193,7 +194,7 @@ def _scan(
     root: Path, num_workers: int, cache_folder: Path | None
 ) -> tuple[list[dict[str, str]], list[dict[str, str]], dict]:
     """Every readable image file under the four folders, the skipped files with reasons, and raw counts."""
-    candidates: list[tuple[str, str, Path]] = []
+    candidates: list[tuple[str, str, Path, str]] = []
     skipped: list[dict[str, str]] = []
     for source in SOURCE_SPLITS:
         for label in CLASS_NAMES:
@@ -201,14 +202,14 @@ def _scan(
             for path in sorted(p for p in folder.rglob("*") if p.is_file()):
                 relative = path.relative_to(root).as_posix()
                 if path.suffix.lower() in IMAGE_EXTENSIONS:
-                    candidates.append((source, label, path))
+                    candidates.append((source, label, path, relative))
                 else:
                     skipped.append({"path": relative, "reason": "not an image file extension"})
-    inspections = _inspect_all(root, [path for _, _, path in candidates], num_workers, cache_folder)
+    paths, relatives = [path for _, _, path, _ in candidates], [relative for *_, relative in candidates]
+    inspections = _inspect_all(root, paths, relatives, num_workers, cache_folder)
     records: list[dict[str, str]] = []
     found: dict[str, dict[str, int]] = {source: dict.fromkeys(CLASS_NAMES, 0) for source in SOURCE_SPLITS}
-    for (source, label, path), (digest, problem) in zip(candidates, inspections, strict=True):
-        relative = path.relative_to(root).as_posix()
+    for (source, label, _, relative), (digest, problem) in zip(candidates, inspections, strict=True):
         if problem:
             skipped.append({"path": relative, "reason": problem})
             continue
