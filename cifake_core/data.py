@@ -21,7 +21,9 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import re
 import shutil
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -46,6 +48,10 @@ KAGGLE_PAGE = "https://www.kaggle.com/datasets/" + KAGGLE_HANDLE
 MANIFEST_FILE = "manifest.csv"
 SUMMARY_FILE = "dataset_summary.json"
 _CHUNK = 256
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# A file written this shortly before a scan may share its timestamps with a rewrite just after it on a filesystem
+# with coarse times (git's "racily clean" entries): its check is not remembered until it is older.
+RACY_NANOSECONDS = 2_000_000_000
 log = logging.getLogger(__name__)
 
 
@@ -152,6 +158,19 @@ def _read_inspections(path: Path) -> dict[str, list]:
     return stored["files"] if fresh and isinstance(stored.get("files"), dict) else {}
 
 
+def _reusable(entry: object, key: list[int] | None) -> bool:
+    """Whether a remembered entry is well-formed and belongs to a file with exactly these size and times."""
+    return (
+        key is not None
+        and isinstance(entry, list)
+        and len(entry) == 5
+        and entry[:3] == key
+        and isinstance(entry[3], str)
+        and _SHA256.fullmatch(entry[3]) is not None
+        and isinstance(entry[4], str)
+    )
+
+
 def _write_inspections(path: Path, files: dict[str, list]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -170,12 +189,12 @@ def _inspect_all(
         return list(_parallel_map(_inspect_file, paths, num_workers))
     cache_file = cache_folder / f"{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]}.json"
     known = _read_inspections(cache_file)
+    settled_before = time.time_ns() - RACY_NANOSECONDS
     keys = [_file_key(path) for path in paths]
     results: list[tuple[str, str] | None] = []
     for relative, key in zip(relatives, keys, strict=True):
         entry = known.get(relative)
-        reusable = key is not None and isinstance(entry, list) and len(entry) == 5 and entry[:3] == key
-        results.append((str(entry[3]), str(entry[4])) if reusable else None)
+        results.append((entry[3], entry[4]) if _reusable(entry, key) else None)
     stale = [index for index, result in enumerate(results) if result is None]
     for index, result in zip(stale, _parallel_map(_inspect_file, [paths[i] for i in stale], num_workers), strict=True):
         results[index] = result
@@ -184,7 +203,7 @@ def _inspect_all(
         remembered = {
             relative: [*key, digest, problem]
             for relative, key, (digest, problem) in zip(relatives, keys, results, strict=True)
-            if key is not None and digest
+            if key is not None and digest and max(key[1:]) < settled_before
         }
         _write_inspections(cache_file, remembered)
     return results

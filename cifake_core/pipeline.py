@@ -346,7 +346,8 @@ def _train(config: RunConfig, device: torch.device) -> TrainingResult | None:
         (work / "config.yaml").write_text(yaml.safe_dump(config.flat(), sort_keys=False))
         tracking.log_artifact(work / "config.yaml")
 
-        prepared = prepare(root, name, config.data, config.train.num_workers)
+        with distributed.local_main_first():  # one process per node reads the files, the others its scan cache
+            prepared = prepare(root, name, config.data, config.train.num_workers)
         _log_prepared(prepared, work, context="training")
         _check_memory(len(prepared.manifest), config.model.image_size)
         started = time.perf_counter()

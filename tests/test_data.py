@@ -444,6 +444,13 @@ def _prepare_cached(root: Path, cache: Path) -> PreparedData:
     return prepare_splits(root, 0.25, 0, 0, seed=0, num_workers=1, cache_folder=cache)
 
 
+@pytest.fixture
+def files_settle_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Remember files written just now: these tests write their dataset and scan it within milliseconds."""
+    monkeypatch.setattr(data, "RACY_NANOSECONDS", 0)
+
+
+@pytest.mark.usefixtures("files_settle_at_once")
 def test_a_second_scan_of_an_unchanged_folder_reads_no_file(make_dataset, tmp_path: Path, monkeypatch) -> None:
     root, cache = make_dataset(train=6, test=3), tmp_path / "scans"
     (root / "train/FAKE/broken.jpg").write_bytes(b"not an image")
@@ -460,15 +467,23 @@ def test_a_second_scan_of_an_unchanged_folder_reads_no_file(make_dataset, tmp_pa
     assert "train/FAKE/broken.jpg" in {entry["path"] for entry in second.summary["skipped"]}
 
 
+def _reading_recorder(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    read: list[Path] = []
+    inspect = data._inspect_file
+    monkeypatch.setattr(data, "_inspect_file", lambda path: read.append(path) or inspect(path))
+    return read
+
+
+@pytest.mark.usefixtures("files_settle_at_once")
 def test_only_files_changed_since_the_last_scan_are_read_again(make_dataset, tmp_path: Path, monkeypatch) -> None:
     root, cache = make_dataset(train=6, test=3), tmp_path / "scans"
     first = _prepare_cached(root, cache)
     edited, chmodded = sorted((root / "test" / "REAL").iterdir())[:2]
     edited.write_bytes(image_bytes(4242))
+    ctime = chmodded.stat().st_ctime_ns
     os.chmod(chmodded, 0o644)  # content and mtime unchanged, ctime moves: permissions may have changed
-    read: list[Path] = []
-    inspect = data._inspect_file
-    monkeypatch.setattr(data, "_inspect_file", lambda path: read.append(path) or inspect(path))
+    assert chmodded.stat().st_ctime_ns != ctime, "this filesystem's ctime did not move: the test cannot tell"
+    read = _reading_recorder(monkeypatch)
     second = _prepare_cached(root, cache)
     assert sorted(read) == [edited, chmodded]
     digests = [
@@ -477,6 +492,32 @@ def test_only_files_changed_since_the_last_scan_are_read_again(make_dataset, tmp
     assert digests[1] == hashlib.sha256(image_bytes(4242)).hexdigest() != digests[0]
 
 
+def test_a_file_written_just_before_a_scan_is_read_again_by_the_next(make_dataset, tmp_path: Path, monkeypatch) -> None:
+    root, cache = make_dataset(train=6, test=3), tmp_path / "scans"
+    first = _prepare_cached(root, cache)  # within RACY_NANOSECONDS of writing every file: none is remembered
+    read = _reading_recorder(monkeypatch)
+    second = _prepare_cached(root, cache)
+    assert len(read) == sum(count for split in first.summary["images_found"].values() for count in split.values())
+    pd.testing.assert_frame_equal(second.manifest, first.manifest)
+
+
+@pytest.mark.usefixtures("files_settle_at_once")
+def test_malformed_entries_in_the_scan_cache_are_read_again(make_dataset, tmp_path: Path, monkeypatch) -> None:
+    root, cache = make_dataset(train=6, test=3), tmp_path / "scans"
+    first = _prepare_cached(root, cache)
+    [remembered] = cache.iterdir()
+    stored = json.loads(remembered.read_text())
+    spoiled = sorted(stored["files"])[:3]
+    for relative, (digest, problem) in zip(spoiled, [("", ""), (None, None), ("not a sha256", "")], strict=True):
+        stored["files"][relative][3:] = [digest, problem]
+    remembered.write_text(json.dumps(stored))
+    read = _reading_recorder(monkeypatch)
+    second = _prepare_cached(root, cache)
+    assert sorted(path.relative_to(root).as_posix() for path in read) == spoiled
+    pd.testing.assert_frame_equal(second.manifest, first.manifest)
+
+
+@pytest.mark.usefixtures("files_settle_at_once")
 def test_a_damaged_or_unwritable_scan_cache_only_costs_a_full_scan(make_dataset, tmp_path: Path) -> None:
     root, cache = make_dataset(train=6, test=3), tmp_path / "scans"
     first = _prepare_cached(root, cache)
