@@ -10,11 +10,12 @@
 #
 # Usage:
 #   bash bench/gpu.sh OUT_FOLDER SOURCE_FOLDER [COPIES [TRAINING FLAGS...]]
-#   bash bench/gpu.sh /tmp/gpu ~/.cache/cifake/demo-v1 24                 # 5,000 demo images x 24 = 120,000, as CIFAKE
-#   bash bench/gpu.sh /tmp/gpu ~/.cache/cifake/demo-v1 2 --epochs 1 --device cpu   # a quick check of the script
+#   bash bench/gpu.sh /tmp/gpu ~/.cache/cifake/demo-v1 24              # 5,000 demo images x 24 = 120,000, as CIFAKE
+#   bash bench/gpu.sh /tmp/gpu ~/.cache/cifake/demo-v1 24 --epochs 1   # the flags after COPIES go to the training run
 set -uo pipefail
-out=${1:?usage: bash bench/gpu.sh OUT_FOLDER SOURCE_FOLDER [COPIES]}
-source_folder=${2:?usage: bash bench/gpu.sh OUT_FOLDER SOURCE_FOLDER [COPIES]}
+usage="usage: bash bench/gpu.sh OUT_FOLDER SOURCE_FOLDER [COPIES [TRAINING FLAGS...]]"
+out=${1:?$usage}
+source_folder=${2:?$usage}
 copies=${3:-24}
 shift $(( $# < 3 ? $# : 3 ))  # what is left overrides the training run's flags
 mkdir -p "$out"
@@ -22,18 +23,22 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 CIFAKE_CACHE_DIR=/tmp/cifake_gpu_cache
+# A fresh cache each time: the timed run must scan and decode, as a first run does.
+CIFAKE_CACHE_DIR=$(mktemp -d /tmp/cifake_gpu_cache.XXXXXX) || exit 1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 CIFAKE_CACHE_DIR
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, timm, mlflow; print('torch', torch.__version__, 'timm', timm.__version__, 'mlflow', mlflow.__version__)" \
     | tee -a "$out/gpu.txt" || exit 1
 
 data=/tmp/cifake_gpu_x$copies
 python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'bench'); import memory; \
-memory.build_copies(Path('$source_folder').resolve(), Path('$data'), $copies)" >/dev/null || exit 1
+memory.build_copies(Path(sys.argv[1]).resolve(), Path(sys.argv[2]), int(sys.argv[3]))" \
+    "$source_folder" "$data" "$copies" >/dev/null || exit 1
 started=$(date +%s%N)
-MLFLOW_TRACKING_URI=sqlite:////tmp/cifake_gpu_runs.db timeout 300 \
+MLFLOW_TRACKING_URI=sqlite:///$CIFAKE_CACHE_DIR/runs.db timeout 300 \
     python3 experiments/stage.py train --data_dir "$data" --device cuda "$@" 2>&1 | tee "$out/default_run.log"
 echo "whole default run: exit ${PIPESTATUS[0]}, $(( ($(date +%s%N) - started) / 1000000 )) ms wall" | tee -a "$out/default_run.log"
+cp "$CIFAKE_CACHE_DIR/runs.db" "$out/"  # the run's metrics carry timestamps: where the time went
 
 timeout 90 python3 bench/training_step.py --device cuda --batch_size 1024 --steps 40 --warmup 5 --output "$out/step_1024.json"
 timeout 170 python3 bench/training_step.py --device cuda --batch_size 128 --steps 200 --warmup 10 --compile \
