@@ -59,7 +59,7 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = field(default=8, metadata=_help("training epochs"))
     batch_size: int = field(default=128, metadata=_help("images per optimisation step"))
-    lr: float = field(default=2e-3, metadata=_help("peak learning rate of the one-cycle schedule"))
+    lr: float = field(default=4e-3, metadata=_help("peak learning rate of the one-cycle schedule"))
     weight_decay: float = field(default=0.05, metadata=_help("AdamW weight decay"))
     label_smoothing: float = field(
         default=0.0, metadata=_help("share of each training target spread over both classes; 0 = hard labels")
@@ -183,7 +183,7 @@ def _check(values: dict[str, Any]) -> None:
         ("pretrained", values["pretrained"] in PRETRAINED_CHOICES, "one of " + "|".join(PRETRAINED_CHOICES)),
         ("epochs", values["epochs"] >= 1, "at least 1"),
         ("batch_size", values["batch_size"] >= 2, "at least 2 (BatchNorm needs two images per batch)"),
-        ("lr", 0.0 < values["lr"] < 1.0, "a positive learning rate below 1, e.g. 0.002"),
+        ("lr", 0.0 < values["lr"] < 1.0, "a positive learning rate below 1, e.g. 0.004"),
         ("weight_decay", 0.0 <= values["weight_decay"] < 1.0, "between 0 and 1"),
         ("label_smoothing", 0.0 <= values["label_smoothing"] <= 0.5, "between 0 and 0.5, e.g. 0.1"),
         ("device", bool(_DEVICE_PATTERN.match(values["device"])), "auto, cpu, cuda, cuda:N or mps"),
