@@ -23,6 +23,7 @@ import logging
 import multiprocessing
 import re
 import shutil
+import stat
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -137,13 +138,18 @@ def scan_cache_folder() -> Path:
     return cache_dir() / "scans"
 
 
-def _file_key(path: Path) -> list[int] | None:
-    try:
-        status = path.stat()
-    except OSError:  # gone since the folder was listed: `_inspect_file` reports it
-        return None
-    # ctime too: a chmod that makes a file unreadable changes it and leaves the mtime alone.
-    return [status.st_size, status.st_mtime_ns, status.st_ctime_ns]
+def _listed_files(folder: Path) -> list[tuple[Path, list[int]]]:
+    """Every regular file under `folder`, sorted, with its scan-cache key: one stat per file serves both."""
+    listed = []
+    for path in folder.rglob("*"):
+        try:
+            status = path.stat()
+        except OSError:  # a dangling link, or a file gone since the folder was listed
+            continue
+        if stat.S_ISREG(status.st_mode):
+            # ctime too: a chmod that makes a file unreadable changes it and leaves the mtime alone.
+            listed.append((path, [status.st_size, status.st_mtime_ns, status.st_ctime_ns]))
+    return sorted(listed, key=lambda item: item[0])
 
 
 def _read_inspections(path: Path) -> dict[str, list]:
@@ -158,11 +164,10 @@ def _read_inspections(path: Path) -> dict[str, list]:
     return stored["files"] if fresh and isinstance(stored.get("files"), dict) else {}
 
 
-def _reusable(entry: object, key: list[int] | None) -> bool:
+def _reusable(entry: object, key: list[int]) -> bool:
     """Whether a remembered entry is well-formed and belongs to a file with exactly these size and times."""
     return (
-        key is not None
-        and isinstance(entry, list)
+        isinstance(entry, list)
         and len(entry) == 5
         and entry[:3] == key
         and isinstance(entry[3], str)
@@ -181,16 +186,21 @@ def _write_inspections(path: Path, files: dict[str, list]) -> None:
 
 
 def _inspect_all(
-    root: Path, paths: list[Path], relatives: list[str], num_workers: int, cache_folder: Path | None
+    root: Path,
+    paths: list[Path],
+    relatives: list[str],
+    keys: list[list[int]],
+    num_workers: int,
+    cache_folder: Path | None,
 ) -> list[tuple[str, str]]:
-    """`_inspect_file` of every path (`relatives`: the same, relative to `root`); with `cache_folder`, only of
-    the files whose size, mtime or ctime changed since the last scan of `root`, remembering the results."""
+    """`_inspect_file` of every path (`relatives`: the same, relative to `root`; `keys`: their size and times);
+    with `cache_folder`, only of the files whose key changed since the last scan of `root`, remembering the
+    results."""
     if cache_folder is None:
         return list(_parallel_map(_inspect_file, paths, num_workers))
     cache_file = cache_folder / f"{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]}.json"
     known = _read_inspections(cache_file)
     settled_before = time.time_ns() - RACY_NANOSECONDS
-    keys = [_file_key(path) for path in paths]
     results: list[tuple[str, str] | None] = []
     for relative, key in zip(relatives, keys, strict=True):
         entry = known.get(relative)
@@ -203,7 +213,7 @@ def _inspect_all(
         remembered = {
             relative: [*key, digest, problem]
             for relative, key, (digest, problem) in zip(relatives, keys, results, strict=True)
-            if key is not None and digest and max(key[1:]) < settled_before
+            if digest and max(key[1:]) < settled_before
         }
         _write_inspections(cache_file, remembered)
     return results
@@ -213,22 +223,24 @@ def _scan(
     root: Path, num_workers: int, cache_folder: Path | None
 ) -> tuple[list[dict[str, str]], list[dict[str, str]], dict]:
     """Every readable image file under the four folders, the skipped files with reasons, and raw counts."""
-    candidates: list[tuple[str, str, Path, str]] = []
+    candidates: list[tuple[str, str, Path, str, list[int]]] = []
     skipped: list[dict[str, str]] = []
     for source in SOURCE_SPLITS:
         for label in CLASS_NAMES:
             folder = root / source / FOLDER_FOR_CLASS[label]
-            for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            for path, key in _listed_files(folder):
                 relative = path.relative_to(root).as_posix()
                 if path.suffix.lower() in IMAGE_EXTENSIONS:
-                    candidates.append((source, label, path, relative))
+                    candidates.append((source, label, path, relative, key))
                 else:
                     skipped.append({"path": relative, "reason": "not an image file extension"})
-    paths, relatives = [path for _, _, path, _ in candidates], [relative for *_, relative in candidates]
-    inspections = _inspect_all(root, paths, relatives, num_workers, cache_folder)
+    paths = [candidate[2] for candidate in candidates]
+    relatives = [candidate[3] for candidate in candidates]
+    keys = [candidate[4] for candidate in candidates]
+    inspections = _inspect_all(root, paths, relatives, keys, num_workers, cache_folder)
     records: list[dict[str, str]] = []
     found: dict[str, dict[str, int]] = {source: dict.fromkeys(CLASS_NAMES, 0) for source in SOURCE_SPLITS}
-    for (source, label, _, relative), (digest, problem) in zip(candidates, inspections, strict=True):
+    for (source, label, _, relative, _), (digest, problem) in zip(candidates, inspections, strict=True):
         if problem:
             skipped.append({"path": relative, "reason": problem})
             continue
