@@ -444,6 +444,10 @@ def _prepare_cached(root: Path, cache: Path) -> PreparedData:
     return prepare_splits(root, 0.25, 0, 0, seed=0, num_workers=1, cache_folder=cache)
 
 
+def _images_found(prepared: PreparedData) -> int:
+    return sum(count for split in prepared.summary["images_found"].values() for count in split.values())
+
+
 @pytest.fixture
 def files_settle_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """Remember files written just now: these tests write their dataset and scan it within milliseconds."""
@@ -497,7 +501,7 @@ def test_a_file_written_just_before_a_scan_is_read_again_by_the_next(make_datase
     first = _prepare_cached(root, cache)  # within RACY_NANOSECONDS of writing every file: none is remembered
     read = _reading_recorder(monkeypatch)
     second = _prepare_cached(root, cache)
-    assert len(read) == sum(count for split in first.summary["images_found"].values() for count in split.values())
+    assert len(read) == _images_found(first)
     pd.testing.assert_frame_equal(second.manifest, first.manifest)
 
 
@@ -524,8 +528,7 @@ def test_a_damaged_or_unwritable_scan_cache_only_costs_a_full_scan(make_dataset,
     [remembered] = cache.iterdir()
     remembered.write_text('{"preprocessing": ')  # cut short, as by a full disk
     pd.testing.assert_frame_equal(_prepare_cached(root, cache).manifest, first.manifest)
-    found = sum(count for split in first.summary["images_found"].values() for count in split.values())
-    assert len(json.loads(remembered.read_text())["files"]) == found  # written whole again
+    assert len(json.loads(remembered.read_text())["files"]) == _images_found(first)  # written whole again
     blocked = tmp_path / "a file, not a folder"
     blocked.write_text("")
     pd.testing.assert_frame_equal(_prepare_cached(root, blocked / "scans").manifest, first.manifest)
