@@ -2,9 +2,11 @@
 
 Each recipe is a set of config overrides (`image_size=64`, `stem_stride=1 lr=0.004`, ...) on top of the
 defaults. Every recipe runs the real training stage (`experiments/stage.py train`, with `promote=never`)
-in its own process against a throwaway SQLite store, so the figures are the pipeline's own: per-epoch
+in its own process against its own SQLite store, so the figures are the pipeline's own: per-epoch
 validation AUC and training seconds as logged to MLflow. Only validation figures are reported: the sweep
-picks a recipe, the test split judges it once afterwards in a full run.
+picks a recipe, the test split judges it once afterwards in a full run. `--parallel N` trains N recipes at
+once (a GPU has room for several; their seconds then include each other's load), `--work_dir` keeps each
+recipe's store in a subfolder instead of a throwaway folder.
 
 Usage:
     .venv/bin/python bench/recipe.py --data_dir /tmp/cifake --max_train_per_class 5000 --epochs 3 \\
@@ -14,12 +16,15 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +33,8 @@ sys.path.insert(0, str(ROOT))
 from cifake_core import tracking  # noqa: E402
 
 EXPERIMENT = "recipe-sweep"
+# The store to read is chosen through MLFLOW_TRACKING_URI: one reader at a time.
+_STORE_READ = threading.Lock()
 
 
 def _overrides(recipe: str) -> list[str]:
@@ -41,9 +48,11 @@ def _overrides(recipe: str) -> list[str]:
 
 def run_recipe(recipe: str, common: list[str], folder: str) -> dict:
     """Train one recipe in a child process working in `folder` (its store and artifacts); its logged figures."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
     store = f"sqlite:///{folder}/recipe.db"
     command = [sys.executable, str(ROOT / "experiments" / "stage.py"), "train", *common, *_overrides(recipe)]
-    environment = {**os.environ, "MLFLOW_TRACKING_URI": store, "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    environment = {**os.environ, "MLFLOW_TRACKING_URI": store, "PYTHONPATH": path}
     started = time.perf_counter()
     child = subprocess.Popen(command, cwd=folder, env=environment, stdout=subprocess.DEVNULL)
     # wait4, not wait: the child's own peak resident memory comes with its exit status.
@@ -51,9 +60,10 @@ def run_recipe(recipe: str, common: list[str], folder: str) -> dict:
     wall = time.perf_counter() - started
     if (code := os.waitstatus_to_exitcode(status)) != 0:
         raise SystemExit(f"[bench] recipe {recipe!r} failed (exit {code}); its log is above")
-    os.environ["MLFLOW_TRACKING_URI"] = store
-    newest = tracking.experiment_runs(EXPERIMENT)[0]
-    history = tracking.metric_histories(newest["run_id"], ["val_auc", "epoch_seconds", "images_per_second"])
+    with _STORE_READ:
+        os.environ["MLFLOW_TRACKING_URI"] = store
+        newest = tracking.experiment_runs(EXPERIMENT)[0]
+        history = tracking.metric_histories(newest["run_id"], ["val_auc", "epoch_seconds", "images_per_second"])
     speeds = [value for _, value in history["images_per_second"]]
     return {
         "recipe": recipe or "defaults",
@@ -73,6 +83,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--recipes", nargs="+", default=["", "stem_stride=1", "image_size=64"])
+    parser.add_argument("--parallel", type=int, default=1, help="recipes trained at once")
+    parser.add_argument("--work_dir", default="", help="keep each recipe's store in a subfolder here")
     parser.add_argument("--output", default="", help="write the figures to this JSON file")
     arguments = parser.parse_args()
 
@@ -82,18 +94,23 @@ def main() -> None:
         "--max_test_per_class", str(arguments.max_test_per_class),
         "--experiment_name", EXPERIMENT, "--promote", "never", "--device", arguments.device,
     ]  # fmt: skip
-    results = []
-    with tempfile.TemporaryDirectory(prefix="cifake-recipe-") as folder:
-        for recipe in arguments.recipes:
-            print(f"[bench] training {recipe or 'defaults'} ...", flush=True)
-            results.append(run_recipe(recipe, common, folder))
-            result = results[-1]
-            print(
-                f"[bench] {result['recipe']}: val AUC {result['val_auc'][-1]:.4f}, "
-                f"{result['train_seconds'] / 60:.1f} min of training, {result['images_per_second']:.0f} img/s, "
-                f"peak {result['peak_rss_mb']:.0f} MB",
-                flush=True,
-            )
+
+    def train_and_report(numbered: tuple[int, str]) -> dict:
+        index, recipe = numbered
+        print(f"[bench] training {recipe or 'defaults'} ...", flush=True)
+        result = run_recipe(recipe, common, str(Path(work_dir) / f"recipe{index}"))
+        print(
+            f"[bench] {result['recipe']}: val AUC {result['val_auc'][-1]:.4f}, "
+            f"{result['train_seconds'] / 60:.1f} min of training, {result['images_per_second']:.0f} img/s, "
+            f"peak {result['peak_rss_mb']:.0f} MB",
+            flush=True,
+        )
+        return result
+
+    with contextlib.ExitStack() as stack:
+        work_dir = arguments.work_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="cifake-recipe-"))
+        with ThreadPoolExecutor(max_workers=arguments.parallel) as pool:
+            results = list(pool.map(train_and_report, enumerate(arguments.recipes)))
 
     print("\n| recipe | images/s | training min | peak MB | val AUC by epoch |\n|---|---|---|---|---|")
     for result in results:

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import os
 import re
 import shutil
 import stat
@@ -119,7 +120,13 @@ def _inspect_file(path: Path) -> tuple[str, str]:
     return digest, ""
 
 
+def worker_count(num_workers: int) -> int:
+    """`num_workers` as a number of processes: -1 means one per CPU core this process may run on."""
+    return len(os.sched_getaffinity(0)) if num_workers == -1 else num_workers
+
+
 def _parallel_map(function: Callable, items: Sequence, num_workers: int) -> Iterable:
+    num_workers = worker_count(num_workers)
     if num_workers <= 1 or len(items) < 4 * _CHUNK:
         return map(function, items)
     # Spawned, not forked: the parent may already run torch's thread pools, which do not survive a fork.

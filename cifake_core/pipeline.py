@@ -13,6 +13,7 @@ Usage:
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import logging
 import os
@@ -334,6 +335,8 @@ def train(config: RunConfig) -> TrainingResult | None:
 
 
 def _train(config: RunConfig, device: torch.device) -> TrainingResult | None:
+    # Logged, checkpointed and trained with the batch size this device gets, never the `0` that chose it.
+    config = dataclasses.replace(config, train=config.train.for_device(device.type))
     with distributed.local_main_first():  # the demo data is generated once per node
         root, name = resolve_dataset(config.data.data_dir)
     torch.manual_seed(config.data.seed)

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from cifake_core.cli import build_parser, main
-from cifake_core.config import FIELD_TYPES, FIELDS, RunConfig, load_config
+from cifake_core.config import BATCH_SIZE, FIELD_TYPES, FIELDS, GPU_BATCH_SIZE, RunConfig, load_config
 from cifake_core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +35,8 @@ def test_defaults_then_yaml_then_overrides(tmp_path: Path):
         ({"val_fraction": "1.5"}, "val_fraction must be a fraction"),
         ({"pretrained": "maybe"}, "pretrained must be one of auto|true|false"),
         ({"stem_stride": "4"}, "stem_stride must be 1 or 2"),
+        ({"batch_size": "1"}, "batch_size must be 0 .auto. or at least 2"),
+        ({"num_workers": "-2"}, "num_workers must be -1 .one per core., 0 .in-process. or a number"),
         ({"label_smoothing": "0.9"}, "label_smoothing must be between 0 and 0.5"),
         ({"promote": "sometimes"}, "promote must be one of auto|always|never"),
         ({"device": "tpu"}, "device must be auto, cpu, cuda, cuda:N or mps"),
@@ -45,6 +47,13 @@ def test_defaults_then_yaml_then_overrides(tmp_path: Path):
 def test_bad_values_and_unknown_keys_are_rejected_with_the_fix(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("|", r"\|").replace("(", r"\(")):
         load_config(None, overrides)
+
+
+def test_auto_batch_size_is_chosen_by_device_and_an_explicit_one_is_kept():
+    auto = load_config(None, {"batch_size": "0"}).train
+    assert (auto.for_device("cuda").batch_size, auto.for_device("cpu").batch_size) == (GPU_BATCH_SIZE, BATCH_SIZE)
+    assert auto.for_device("mps").batch_size == BATCH_SIZE
+    assert load_config(None, {"batch_size": "64"}).train.for_device("cuda").batch_size == 64
 
 
 def test_unknown_key_in_yaml_is_rejected(tmp_path: Path):

@@ -537,6 +537,10 @@ def test_a_damaged_or_unwritable_scan_cache_only_costs_a_full_scan(make_dataset,
 # --- split files ------------------------------------------------------------------------------------------------------
 
 
+def test_num_workers_minus_one_means_one_process_per_available_core() -> None:
+    assert data.worker_count(-1) == len(os.sched_getaffinity(0)) and data.worker_count(3) == 3
+
+
 def test_split_files_read_back_to_the_same_content_and_leave_no_temporary_files(make_dataset, tmp_path: Path) -> None:
     prepared = prepare(make_dataset(train=6, test=2))
     output = tmp_path / "out" / "nested"

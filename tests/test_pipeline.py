@@ -23,7 +23,7 @@ from PIL import Image
 
 from cifake_core import pipeline, tracking
 from cifake_core.cli import main
-from cifake_core.config import load_config
+from cifake_core.config import BATCH_SIZE, load_config
 from cifake_core.onnx_runtime import INPUT_NAME, OUTPUT_NAME, onnx_session
 from cifake_core.preprocessing import preprocess_image
 from cifake_core.robustness import PERTURBATIONS
@@ -182,6 +182,21 @@ def test_a_failing_run_ends_failed_and_registers_nothing(tiny_demo: Path, tracki
     assert run.info.status == "FAILED"
     assert "disk full" in run.data.tags["cifake.error"]
     assert _versions() == []
+
+
+@pytest.mark.slow
+def test_auto_batch_size_trains_and_logs_the_size_this_device_gets(tiny_demo: Path, tracking_store: str, monkeypatch):
+    batch_sizes = []
+
+    def first_epoch(model, images, labels, order, optimizer, scheduler, batch_size, *args, **kwargs):
+        batch_sizes.append(batch_size)
+        raise RuntimeError("stopped at the first epoch")
+
+    monkeypatch.setattr(pipeline, "train_one_epoch", first_epoch)
+    with pytest.raises(RuntimeError, match="stopped at the first epoch"):
+        pipeline.train(_config(tiny_demo, batch_size="0", device="cpu"))
+    (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("cifake").experiment_id])
+    assert batch_sizes == [BATCH_SIZE] and run.data.params["batch_size"] == str(BATCH_SIZE)
 
 
 @pytest.mark.slow
