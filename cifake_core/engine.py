@@ -115,10 +115,12 @@ def train_one_epoch(
     description: str = "train",
     augment: bool = False,
     label_smoothing: float = 0.0,
+    grad_clip_norm: float = 0.0,
 ) -> dict[str, float]:
     """One pass over the training images at `order` (this process's share of the epoch, shuffled; see
     `distributed.epoch_sampler`): loss, accuracy, learning rate and speed, summed over all processes.
-    `augment` adds the `degrade` augmentations to the random flip; `train_loss` is the smoothed loss."""
+    `augment` adds the `degrade` augmentations to the random flip; `train_loss` is the smoothed loss;
+    `grad_clip_norm` > 0 scales each step's gradients down to at most that norm."""
     model.train()
     started = time.perf_counter()
     order = torch.as_tensor(order, dtype=torch.long, device=images.device)
@@ -135,6 +137,8 @@ def train_one_epoch(
         loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
         optimizer.step()
         scheduler.step()
         total_loss += loss.item() * len(index)

@@ -191,6 +191,7 @@ def _train_epochs(
             description=f"epoch {epoch}/{train.epochs}",
             augment=train.augment == "true",
             label_smoothing=train.label_smoothing,
+            grad_clip_norm=train.grad_clip_norm,
         )
         distributed.sync_buffers(model)
         metrics |= evaluate(model, *splits["val"], EVAL_BATCH_SIZE, device, prefix="val")

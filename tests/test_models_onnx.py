@@ -179,6 +179,27 @@ def test_label_smoothing_reaches_the_training_loss(random_model):
     assert float(expected) != pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)), rel=1e-3)
 
 
+def test_grad_clip_norm_bounds_each_step(random_model):
+    from cifake_core.engine import train_one_epoch
+
+    images, labels = torch.from_numpy(_batch(16)), torch.tensor([0, 1] * 8)
+    steps = {}
+    for clip in (0.0, 1e-3):
+        model = copy.deepcopy(random_model).train()
+        before = torch.cat([parameter.detach().flatten() for parameter in model.parameters()])
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # plain SGD: the step is the (clipped) gradient
+        scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+        generator = torch.Generator().manual_seed(0)
+        train_one_epoch(
+            model, images, labels, torch.arange(16), optimizer, scheduler, 16, torch.device("cpu"), generator,
+            grad_clip_norm=clip,
+        )  # fmt: skip
+        after = torch.cat([parameter.detach().flatten() for parameter in model.parameters()])
+        steps[clip] = float((after - before).norm())
+    assert steps[1e-3] == pytest.approx(1e-3, rel=1e-3)
+    assert steps[0.0] > 100 * steps[1e-3]
+
+
 @pytest.mark.gpu
 def test_training_and_export_run_on_cuda(tiny_demo, tracking_store):
     from cifake_core import pipeline

@@ -185,18 +185,22 @@ def test_a_failing_run_ends_failed_and_registers_nothing(tiny_demo: Path, tracki
 
 
 @pytest.mark.slow
-def test_auto_batch_size_trains_and_logs_the_size_this_device_gets(tiny_demo: Path, tracking_store: str, monkeypatch):
-    batch_sizes = []
+def test_the_epoch_gets_the_configured_training_settings(tiny_demo: Path, tracking_store: str, monkeypatch):
+    """batch_size=0 trains and logs the size this device gets; label_smoothing and grad_clip_norm reach the epoch."""
+    calls = []
 
     def first_epoch(model, images, labels, order, optimizer, scheduler, batch_size, *args, **kwargs):
-        batch_sizes.append(batch_size)
+        calls.append({"batch_size": batch_size, **kwargs})
         raise RuntimeError("stopped at the first epoch")
 
     monkeypatch.setattr(pipeline, "train_one_epoch", first_epoch)
+    settings = {"batch_size": "0", "device": "cpu", "label_smoothing": "0.1", "grad_clip_norm": "2.5"}
     with pytest.raises(RuntimeError, match="stopped at the first epoch"):
-        pipeline.train(_config(tiny_demo, batch_size="0", device="cpu"))
+        pipeline.train(_config(tiny_demo, **settings))
     (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("cifake").experiment_id])
-    assert batch_sizes == [BATCH_SIZE] and run.data.params["batch_size"] == str(BATCH_SIZE)
+    assert run.data.params["batch_size"] == str(BATCH_SIZE)
+    (call,) = calls
+    assert (call["batch_size"], call["label_smoothing"], call["grad_clip_norm"]) == (BATCH_SIZE, 0.1, 2.5)
 
 
 @pytest.mark.slow
