@@ -75,7 +75,7 @@ class TrainConfig:
         default=0.0, metadata=_help("share of each training target spread over both classes; 0 = hard labels")
     )
     grad_clip_norm: float = field(
-        default=0.0, metadata=_help("largest gradient norm a step applies (larger ones scaled down); 0 = no clipping")
+        default=1.0, metadata=_help("largest gradient norm a step applies (larger ones scaled down); 0 = no clipping")
     )
     device: str = field(default="auto", metadata=_help("auto|cpu|cuda|cuda:N|mps"))
     num_workers: int = field(

@@ -27,6 +27,7 @@ KEY_PARAMS = (
     "lr",
     "weight_decay",
     "label_smoothing",
+    "grad_clip_norm",
     "image_size",
     "stem_stride",
     "pretrained",
