@@ -27,6 +27,8 @@ from cifake_core.files import atomic_path
 from cifake_core.network import host_reachable
 
 ARCHITECTURE = "mobilenetv3_large_100"
+# torchvision's initialisation of MobileNetV3's classifier: starting logits near 0 (loss ln 2).
+HEAD_INIT_STD = 0.01
 _HUB_HOST = "huggingface.co"
 log = logging.getLogger(__name__)
 
@@ -104,10 +106,22 @@ def _set_stem_stride(backbone: torch.nn.Module, stem_stride: int) -> torch.nn.Mo
     return backbone
 
 
+def _init_head(backbone: torch.nn.Module) -> torch.nn.Module:
+    # timm draws MobileNetV3's classifier from +-1/sqrt(classes), TensorFlow's rule sized for ImageNet's 1,000;
+    # with our 2 classes that is +-0.71, logits of +-3 before any training and gradient norms of ~100 in the
+    # first steps (docs/BENCHMARKS.md, "The classifier's initialisation"). The head is new whatever the
+    # starting weights (ImageNet's has 1,000 classes), so it is always re-drawn.
+    head = backbone.get_classifier()
+    with torch.no_grad():
+        head.weight.normal_(0.0, HEAD_INIT_STD)
+        head.bias.zero_()
+    return backbone
+
+
 def create_model(pretrained: str, pretrained_weights: str, stem_stride: int) -> tuple[ImageClassifier, str]:
     """The detector, and where its starting weights came from (`random`, `hub:...`, `file:...`)."""
     backbone, weights_source = _backbone(pretrained, pretrained_weights)
-    backbone = _set_stem_stride(backbone, stem_stride)
+    backbone = _init_head(_set_stem_stride(backbone, stem_stride))
     return ImageClassifier(backbone, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), weights_source
 
 

@@ -1,13 +1,18 @@
-"""The premise of bench/memory.py: its repeated dataset survives deduplication, with the original's pixels."""
+"""The premises of the benchmarks: bench/memory.py's repeated dataset survives deduplication with the original's
+pixels; bench/first_steps.py's two heads start where it says."""
 
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 
+from cifake_core.config import TrainConfig
 from cifake_core.data import load_split_arrays, prepare_splits
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -56,3 +61,14 @@ def test_an_interrupted_build_is_rebuilt_and_a_finished_one_reused(
     memory.build_copies(source, destination, copies=2)
     assert sorted(path.stat().st_mtime_ns for path in destination.rglob("*.jpg")) == built
     assert len(list(destination.rglob("*.jpg"))) == 2 * len(list(source.rglob("*.jpg")))
+
+
+def test_first_steps_start_at_chance_with_our_head_and_far_from_it_with_timms() -> None:
+    first_steps = _bench_module("first_steps").first_steps
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 2, (256,), generator=generator)
+    first = {head: first_steps(head, images, labels, TrainConfig(), 1, 1, 0)[0] for head in ("timm", "ours")}
+    assert first["ours"]["loss"] == pytest.approx(math.log(2), abs=0.05)
+    assert first["timm"]["mean_abs_logit"] > 10 * first["ours"]["mean_abs_logit"]
+    assert first["timm"]["gradient_norm"] > 10 * first["ours"]["gradient_norm"]

@@ -63,7 +63,24 @@ def test_pretrained_weights_file_is_loaded(tmp_path: Path):
     assert source == "file:imagenet.pth"
     stem = "conv_stem.weight"
     torch.testing.assert_close(model.backbone.state_dict()[stem], imagenet_like.state_dict()[stem])
-    assert model.backbone.get_classifier().out_features == 2  # ImageNet head replaced by ours
+    head = model.backbone.get_classifier()
+    assert head.out_features == 2  # ImageNet head replaced by ours
+    assert head.weight.std() < 2 * models.HEAD_INIT_STD
+
+
+def test_a_new_model_starts_near_chance_for_every_kind_of_image():
+    # timm's own head (+-0.71 per weight for 2 classes) starts at logits of ~3 and a loss far above ln 2.
+    torch.manual_seed(0)
+    model, _ = models.create_model(pretrained="false", pretrained_weights="", stem_stride=1)
+    images = torch.from_numpy(
+        np.concatenate([_batch(8), np.zeros((1, 3, 32, 32), np.uint8), np.full((1, 3, 32, 32), 255, np.uint8)])
+    )
+    with torch.no_grad():
+        logits = model.train()(images)  # batch statistics, as in the first training step
+    assert logits.abs().max() < 0.5
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1] * 5))
+    assert loss == pytest.approx(np.log(2), abs=0.1)
+    assert logits.std() > 0  # a small head, not a dead one: the images still move the logits
 
 
 def test_broken_pretrained_weights_file_is_a_clear_error(tmp_path: Path):
