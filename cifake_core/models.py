@@ -109,7 +109,7 @@ def _set_stem_stride(backbone: torch.nn.Module, stem_stride: int) -> torch.nn.Mo
 def _init_head(backbone: torch.nn.Module) -> torch.nn.Module:
     # timm draws MobileNetV3's classifier from +-1/sqrt(classes), TensorFlow's rule sized for ImageNet's 1,000;
     # with our 2 classes that is +-0.71, logits of +-3 before any training and gradient norms of ~100 in the
-    # first steps (docs/BENCHMARKS.md, "The classifier's initialisation"). The head is new whatever the
+    # first steps (docs/BENCHMARKS.md, "Fourth round: the classifier's initialisation"). The head is new whatever the
     # starting weights (ImageNet's has 1,000 classes), so it is always re-drawn.
     head = backbone.get_classifier()
     with torch.no_grad():
