@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from cifake_core.config import BATCH_SIZE, DataConfig, ModelConfig, TrainConfig  # noqa: E402
 from cifake_core.data import array_cache_folder, load_split_arrays  # noqa: E402
+from cifake_core.engine import random_flip  # noqa: E402
 from cifake_core.models import create_model  # noqa: E402
 from cifake_core.pipeline import prepare, resolve_dataset  # noqa: E402
 
@@ -58,8 +59,7 @@ def first_steps(
     rows = []
     for step in range(min(steps, steps_per_epoch)):
         index = order[step * BATCH_SIZE : (step + 1) * BATCH_SIZE]
-        flip = (torch.rand(len(index), generator=generator) < 0.5).view(-1, 1, 1, 1)
-        batch = torch.where(flip, images[index].flip(-1), images[index])
+        batch = random_flip(images[index], generator)
         logits = model(batch.contiguous(memory_format=torch.channels_last))
         loss = F.cross_entropy(logits, labels[index])
         optimizer.zero_grad(set_to_none=True)

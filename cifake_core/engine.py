@@ -63,7 +63,8 @@ def to_device_tensors(
     return torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
 
 
-def _random_flip(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def random_flip(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image mirrored left-right with probability 0.5, drawn from `generator`."""
     flip = torch.rand(batch.shape[0], generator=generator) < 0.5
     return torch.where(flip.to(batch.device).view(-1, 1, 1, 1), batch.flip(-1), batch)
 
@@ -129,7 +130,7 @@ def train_one_epoch(
     starts = range(0, len(order) - 1, batch_size)
     for start in tqdm(starts, desc=description, unit="batch", leave=False, disable=None):
         index = order[start : start + batch_size]
-        batch = _random_flip(images[index].to(device, non_blocking=True), generator)
+        batch = random_flip(images[index].to(device, non_blocking=True), generator)
         if augment:
             batch = degrade(batch, generator)
         targets = labels[index].to(device, non_blocking=True)
