@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from cifake_core.config import BATCH_SIZE, DataConfig, ModelConfig, TrainConfig  # noqa: E402
 from cifake_core.data import array_cache_folder, load_split_arrays  # noqa: E402
-from cifake_core.engine import random_flip  # noqa: E402
+from cifake_core.engine import one_cycle_adamw, random_flip  # noqa: E402
 from cifake_core.models import create_model  # noqa: E402
 from cifake_core.pipeline import prepare, resolve_dataset  # noqa: E402
 
@@ -49,11 +49,8 @@ def first_steps(
     if head == "timm":
         _timm_head(model)
     model = model.to(memory_format=torch.channels_last).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     steps_per_epoch = len(images) // BATCH_SIZE
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=train.lr, epochs=train.epochs, steps_per_epoch=steps_per_epoch
-    )
+    optimizer, scheduler = one_cycle_adamw(model, train.lr, train.weight_decay, train.epochs, steps_per_epoch)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(images), generator=generator)
     rows = []

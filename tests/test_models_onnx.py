@@ -225,3 +225,41 @@ def test_training_and_export_run_on_cuda(tiny_demo, tracking_store):
     config = load_config(None, {"data_dir": str(tiny_demo), "epochs": "1", "batch_size": "16", "device": "cuda"})
     result = pipeline.train(config)
     assert result.version == "1" and 0.0 <= result.metrics["test_auc"] <= 1.0
+
+
+def test_weight_average_follows_each_step_with_its_batchnorm_statistics(random_model):
+    """Horizon 2 steps = decay 0.5: after two steps the average is the mean of the weights (and BatchNorm running
+    statistics) after the first and after the second step; the first update copies the model."""
+    from cifake_core.engine import train_one_epoch, weight_average
+
+    images, labels = torch.from_numpy(_batch(16)), torch.tensor([0, 1] * 8)
+
+    def trained(order: torch.Tensor, horizon_steps: float):
+        model = copy.deepcopy(random_model).train()
+        averaged = weight_average(model, horizon_steps)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+        generator = torch.Generator().manual_seed(0)
+        train_one_epoch(
+            model, images, labels, order, optimizer, scheduler, 8, torch.device("cpu"), generator,
+            averaged_model=averaged,
+        )  # fmt: skip
+        return model.state_dict(), averaged
+
+    after_first, one_step = trained(torch.arange(8), 2.0)
+    after_second, two_steps = trained(torch.arange(16), 2.0)
+    assert (int(one_step.n_averaged), int(two_steps.n_averaged)) == (1, 2)
+    averages = two_steps.module.state_dict()
+    for name, first in after_first.items():
+        torch.testing.assert_close(one_step.module.state_dict()[name], first)
+        if first.is_floating_point():
+            torch.testing.assert_close(averages[name], (first + after_second[name]) / 2, rtol=1e-5, atol=1e-6)
+    moved = [
+        name
+        for name in after_first
+        if "running_mean" in name and not torch.equal(after_first[name], after_second[name])
+    ]
+    assert moved  # the second step changed the BatchNorm statistics, so the check above covers them
+    _, no_average = trained(torch.arange(16), 1.0)  # horizon 1 step: the average is the model
+    for name, value in after_second.items():
+        torch.testing.assert_close(no_average.module.state_dict()[name], value)
