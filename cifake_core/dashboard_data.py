@@ -28,7 +28,6 @@ KEY_PARAMS = (
     "weight_decay",
     "label_smoothing",
     "grad_clip_norm",
-    "ema_epochs",
     "image_size",
     "stem_stride",
     "pretrained",

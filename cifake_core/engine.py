@@ -25,11 +25,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.transforms.v2.functional import gaussian_blur
 from tqdm.auto import tqdm
 
-from cifake_core.distributed import all_reduce_sum, gather_shards, shard_bounds, unwrap
+from cifake_core.distributed import all_reduce_sum, gather_shards, shard_bounds
 from cifake_core.errors import DeviceError
 from cifake_core.metrics import binary_metrics
 
@@ -74,14 +73,6 @@ def one_cycle_adamw(
         optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch
     )
     return optimizer, scheduler
-
-
-def weight_average(model: torch.nn.Module, horizon_steps: float) -> AveragedModel:
-    """An exponential moving average of `model`'s weights and BatchNorm statistics with a time constant of
-    `horizon_steps` optimiser steps (decay 1 - 1/horizon); `train_one_epoch` updates it after every step and
-    its `.module` is a model like `model`."""
-    decay = max(0.0, 1.0 - 1.0 / horizon_steps)
-    return AveragedModel(unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def random_flip(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -138,13 +129,11 @@ def train_one_epoch(
     augment: bool = False,
     label_smoothing: float = 0.0,
     grad_clip_norm: float = 0.0,
-    averaged_model: AveragedModel | None = None,
 ) -> dict[str, float]:
     """One pass over the training images at `order` (this process's share of the epoch, shuffled; see
     `distributed.epoch_sampler`): loss, accuracy, learning rate and speed, summed over all processes.
     `augment` adds the `degrade` augmentations to the random flip; `train_loss` is the smoothed loss;
-    `grad_clip_norm` > 0 scales each step's gradients down to at most that norm; `averaged_model`
-    (`weight_average`) follows every step."""
+    `grad_clip_norm` > 0 scales each step's gradients down to at most that norm."""
     model.train()
     started = time.perf_counter()
     order = torch.as_tensor(order, dtype=torch.long, device=images.device)
@@ -165,8 +154,6 @@ def train_one_epoch(
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
         optimizer.step()
         scheduler.step()
-        if averaged_model is not None:
-            averaged_model.update_parameters(unwrap(model))
         total_loss += loss.item() * len(index)
         correct += int((logits.argmax(1) == targets).sum())
         seen += len(index)

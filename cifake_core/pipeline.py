@@ -50,7 +50,6 @@ from cifake_core.engine import (
     resolve_device,
     to_device_tensors,
     train_one_epoch,
-    weight_average,
 )
 from cifake_core.errors import DatasetError
 from cifake_core.metrics import binary_metrics, confusion, curves, threshold_report
@@ -180,9 +179,6 @@ def _train_epochs(
     sampler = distributed.epoch_sampler(len(splits["train"][0]), seed)
     steps_per_epoch = -(-len(sampler) // train.batch_size)
     optimizer, scheduler = one_cycle_adamw(parallel_model, train.lr, train.weight_decay, train.epochs, steps_per_epoch)
-    averaged = weight_average(model, train.ema_epochs * steps_per_epoch) if train.ema_epochs else None
-    # The model that is evaluated, kept and exported: the average when there is one.
-    kept = averaged.module if averaged is not None else model
     # Each process draws its own flips and augmentations.
     generator = torch.Generator().manual_seed(seed + distributed.rank())
     best: dict[str, float] = {"val_auc": -1.0}
@@ -201,10 +197,9 @@ def _train_epochs(
             augment=train.augment == "true",
             label_smoothing=train.label_smoothing,
             grad_clip_norm=train.grad_clip_norm,
-            averaged_model=averaged,
         )
-        distributed.sync_buffers(kept)
-        metrics |= evaluate(kept, *splits["val"], EVAL_BATCH_SIZE, device, prefix="val")
+        distributed.sync_buffers(model)
+        metrics |= evaluate(model, *splits["val"], EVAL_BATCH_SIZE, device, prefix="val")
         tracking.log_metrics(metrics, step=epoch)
         log.info(
             "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_auc %.4f  val_f1 %.4f  %.0f img/s  %.0f s",
@@ -220,7 +215,7 @@ def _train_epochs(
         if metrics["val_auc"] > best["val_auc"]:
             best = {**metrics, "epoch": float(epoch)}
             if distributed.is_main_process():
-                save_checkpoint(checkpoint, kept, checkpoint_config, epoch, metrics)
+                save_checkpoint(checkpoint, model, checkpoint_config, epoch, metrics)
     return best
 
 

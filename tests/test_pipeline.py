@@ -6,7 +6,6 @@ Each test gets its own SQLite MLflow store (`tracking_store`). Runs that train a
 from __future__ import annotations
 
 import base64
-import copy
 import io
 import json
 import signal
@@ -19,15 +18,12 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from mlflow import MlflowClient
 from PIL import Image
-from torch.optim.swa_utils import AveragedModel
 
 from cifake_core import pipeline, tracking
 from cifake_core.cli import main
 from cifake_core.config import BATCH_SIZE, load_config
-from cifake_core.engine import train_one_epoch
 from cifake_core.onnx_runtime import INPUT_NAME, OUTPUT_NAME, onnx_session
 from cifake_core.preprocessing import preprocess_image
 from cifake_core.robustness import PERTURBATIONS
@@ -199,37 +195,12 @@ def test_the_epoch_gets_the_configured_training_settings(tiny_demo: Path, tracki
 
     monkeypatch.setattr(pipeline, "train_one_epoch", first_epoch)
     settings = {"batch_size": "0", "device": "cpu", "label_smoothing": "0.1", "grad_clip_norm": "2.5"}
-    for ema_epochs in ("0", "0.5"):
-        with pytest.raises(RuntimeError, match="stopped at the first epoch"):
-            pipeline.train(_config(tiny_demo, **settings, ema_epochs=ema_epochs))
-    runs = MlflowClient().search_runs([mlflow.get_experiment_by_name("cifake").experiment_id])
-    assert [run.data.params["batch_size"] for run in runs] == [str(BATCH_SIZE)] * 2
-    without, with_average = calls
-    for call in calls:
-        assert (call["batch_size"], call["label_smoothing"], call["grad_clip_norm"]) == (BATCH_SIZE, 0.1, 2.5)
-    assert without["averaged_model"] is None and isinstance(with_average["averaged_model"], AveragedModel)
-
-
-@pytest.mark.slow
-def test_with_ema_epochs_the_average_is_evaluated_and_kept(tiny_demo: Path, tracking_store: str, monkeypatch):
-    """The checkpoint the run logs (and exports) holds the averaged weights, not the last step's."""
-    states = []
-
-    def recorded_epoch(model, *args, **kwargs):
-        metrics = train_one_epoch(model, *args, **kwargs)
-        states.append((copy.deepcopy(model.state_dict()), copy.deepcopy(kwargs["averaged_model"].module.state_dict())))
-        return metrics
-
-    monkeypatch.setattr(pipeline, "train_one_epoch", recorded_epoch)
-    result = pipeline.train(_config(tiny_demo, epochs="1", ema_epochs="1", promote="never"))
-    checkpoint = torch.load(
-        MlflowClient().download_artifacts(result.run_id, "checkpoint/best.pt"), map_location="cpu", weights_only=True
-    )
-    ((last, averaged),) = states
-    name = "backbone.classifier.weight"
-    assert not torch.equal(last[name], averaged[name])
-    for key, value in averaged.items():
-        torch.testing.assert_close(checkpoint["state_dict"][key], value)
+    with pytest.raises(RuntimeError, match="stopped at the first epoch"):
+        pipeline.train(_config(tiny_demo, **settings))
+    (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("cifake").experiment_id])
+    assert run.data.params["batch_size"] == str(BATCH_SIZE)
+    (call,) = calls
+    assert (call["batch_size"], call["label_smoothing"], call["grad_clip_norm"]) == (BATCH_SIZE, 0.1, 2.5)
 
 
 @pytest.mark.slow
