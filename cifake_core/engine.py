@@ -75,6 +75,12 @@ def one_cycle_adamw(
     return optimizer, scheduler
 
 
+def batch_starts(count: int, batch_size: int) -> range:
+    """Where each training batch of an epoch of `count` images starts: one optimiser step each."""
+    # A lone trailing image is left out: BatchNorm cannot train on a batch of one (at 32 px the last stage is 1x1).
+    return range(0, count - 1, batch_size)
+
+
 def random_flip(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Each image mirrored left-right with probability 0.5, drawn from `generator`."""
     flip = torch.rand(batch.shape[0], generator=generator) < 0.5
@@ -138,9 +144,7 @@ def train_one_epoch(
     started = time.perf_counter()
     order = torch.as_tensor(order, dtype=torch.long, device=images.device)
     total_loss, correct, seen = 0.0, 0, 0
-    # A lone trailing image is left out: BatchNorm cannot train on a batch of one (at 32 px the last stage is 1x1).
-    starts = range(0, len(order) - 1, batch_size)
-    for start in tqdm(starts, desc=description, unit="batch", leave=False, disable=None):
+    for start in tqdm(batch_starts(len(order), batch_size), desc=description, unit="batch", leave=False, disable=None):
         index = order[start : start + batch_size]
         batch = random_flip(images[index].to(device, non_blocking=True), generator)
         if augment:

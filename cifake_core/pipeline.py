@@ -43,6 +43,7 @@ from cifake_core.data import (
 )
 from cifake_core.demo import DEMO_VERSION, ensure_demo_dataset
 from cifake_core.engine import (
+    batch_starts,
     evaluate,
     one_cycle_adamw,
     predict_logits,
@@ -177,7 +178,7 @@ def _train_epochs(
     model = model.to(memory_format=torch.channels_last)
     parallel_model = distributed.wrap(model, device)
     sampler = distributed.epoch_sampler(len(splits["train"][0]), seed)
-    steps_per_epoch = -(-len(sampler) // train.batch_size)
+    steps_per_epoch = len(batch_starts(len(sampler), train.batch_size))
     optimizer, scheduler = one_cycle_adamw(parallel_model, train.lr, train.weight_decay, train.epochs, steps_per_epoch)
     # Each process draws its own flips and augmentations.
     generator = torch.Generator().manual_seed(seed + distributed.rank())

@@ -186,11 +186,12 @@ def test_a_failing_run_ends_failed_and_registers_nothing(tiny_demo: Path, tracki
 
 @pytest.mark.slow
 def test_the_epoch_gets_the_configured_training_settings(tiny_demo: Path, tracking_store: str, monkeypatch):
-    """batch_size=0 trains and logs the size this device gets; label_smoothing and grad_clip_norm reach the epoch."""
+    """batch_size=0 trains and logs the size this device gets; label_smoothing and grad_clip_norm reach the epoch;
+    the one-cycle schedule counts the steps the epoch makes."""
     calls = []
 
     def first_epoch(model, images, labels, order, optimizer, scheduler, batch_size, *args, **kwargs):
-        calls.append({"batch_size": batch_size, **kwargs})
+        calls.append({"batch_size": batch_size, "images": len(order), "schedule": scheduler.total_steps, **kwargs})
         raise RuntimeError("stopped at the first epoch")
 
     monkeypatch.setattr(pipeline, "train_one_epoch", first_epoch)
@@ -201,6 +202,11 @@ def test_the_epoch_gets_the_configured_training_settings(tiny_demo: Path, tracki
     assert run.data.params["batch_size"] == str(BATCH_SIZE)
     (call,) = calls
     assert (call["batch_size"], call["label_smoothing"], call["grad_clip_norm"]) == (BATCH_SIZE, 0.1, 2.5)
+    assert call["schedule"] == 1
+    # One image more than a batch: the lone trailing image makes no step, so the schedule counts one step.
+    with pytest.raises(RuntimeError, match="stopped at the first epoch"):
+        pipeline.train(_config(tiny_demo, batch_size=str(call["images"] - 1), device="cpu"))
+    assert calls[-1]["schedule"] == 1
 
 
 @pytest.mark.slow
