@@ -28,7 +28,7 @@ from cifake_core.errors import ConfigError
 THRESHOLD_NAMES = ("0.5", "f1", "youden", "fpr_1pct")
 PROMOTE_CHOICES = ("auto", "always", "never")
 PRETRAINED_CHOICES = ("auto", "true", "false")
-AUGMENT_CHOICES = ("true", "false")
+SWITCH_CHOICES = ("true", "false")
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 # batch_size=0 picks these. A GPU runs launch-bound at 128; at 512 training diverged for an epoch at the one-cycle
 # peak and ended lower (val AUC 0.968 against 0.979-0.982 at 256 on CIFAKE). 256 is also the global batch of the
@@ -57,6 +57,13 @@ class ModelConfig:
     pretrained_weights: str = field(default="", metadata=_help("local weights file; overrides the hub"))
     stem_stride: int = field(
         default=1, metadata=_help("stride of the first convolution: 1 (keeps 32 px inputs whole) or 2 (timm's)")
+    )
+    flip_tta: str = field(
+        default="true",
+        metadata=_help(
+            "score each image as the mean of its own and its mirror image's logits, wherever the model predicts "
+            "(validation, test, ONNX export, serving): true|false; doubles the cost of a prediction"
+        ),
     )
 
 
@@ -214,7 +221,8 @@ def _check(values: dict[str, Any]) -> None:
         ("grad_clip_norm", values["grad_clip_norm"] >= 0.0, "0 (no clipping) or a positive norm, e.g. 1.0"),
         ("device", bool(_DEVICE_PATTERN.match(values["device"])), "auto, cpu, cuda, cuda:N or mps"),
         ("num_workers", values["num_workers"] >= -1, "-1 (one per core), 0 (in-process) or a number of processes"),
-        ("augment", values["augment"] in AUGMENT_CHOICES, "one of " + "|".join(AUGMENT_CHOICES)),
+        ("augment", values["augment"] in SWITCH_CHOICES, "one of " + "|".join(SWITCH_CHOICES)),
+        ("flip_tta", values["flip_tta"] in SWITCH_CHOICES, "one of " + "|".join(SWITCH_CHOICES)),
         ("experiment_name", bool(values["experiment_name"]), "a non-empty MLflow experiment name"),
         ("registered_model_name", bool(values["registered_model_name"]), "a non-empty registered model name"),
         ("promote", values["promote"] in PROMOTE_CHOICES, "one of " + "|".join(PROMOTE_CHOICES)),

@@ -30,6 +30,7 @@ KEY_PARAMS = (
     "grad_clip_norm",
     "image_size",
     "stem_stride",
+    "flip_tta",
     "pretrained",
     "max_train_per_class",
     "seed",

@@ -9,11 +9,12 @@ At 224 px that is the last stage (7x7), the textbook choice; at CIFAKE's 32 px t
 
 The map is computed on what the model sees (the centred square, resized to image_size) and placed back
 over that square at the image's own size; outside it (in a non-square image) it is 0, since the model never
-saw those pixels. It is normalised per image to [0, 1], so it says where, not how much: read it beside
-prob_ai. The temperature of the served model does not change it (it scales every gradient alike), so the
-run's PyTorch checkpoint explains the calibrated model too. Needs torch: serving stays torch-free, and this
-module is used by `cifake predict --explain` and the dashboard with the checkpoint each run logs
-(`checkpoint/best.pt`).
+saw those pixels. A model with `flip_tta` scores an image and its mirror image together; the map is the
+given image's (the first of the two views), so it lines up with the picture shown. It is normalised per
+image to [0, 1], so it says where, not how much: read it beside prob_ai. The temperature of the served
+model does not change it (it scales every gradient alike), so the run's PyTorch checkpoint explains the
+calibrated model too. Needs torch: serving stays torch-free, and this module is used by `cifake predict
+--explain` and the dashboard with the checkpoint each run logs (`checkpoint/best.pt`).
 
 Usage:
     heatmap, overlay = explain_image(Path("best.pt"), "photo.jpg", image_size=32)  # or a loaded model

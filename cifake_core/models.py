@@ -6,8 +6,8 @@ auto tries and falls back to random initialisation within seconds offline, true 
 from a local file (`pretrained_weights`). Checkpoints are self-describing: weights, config, epoch, metric.
 
 Usage:
-    model, weights_source = create_model(pretrained="auto", pretrained_weights="", stem_stride=1)
-    logits = model(torch.zeros(4, 3, 32, 32, dtype=torch.uint8))  # (4, 2)
+    model, weights_source = create_model(pretrained="auto", pretrained_weights="", stem_stride=1, flip_tta=True)
+    logits = model.eval()(torch.zeros(4, 3, 32, 32, dtype=torch.uint8))  # (4, 2): each image and its mirror
 """
 
 from __future__ import annotations
@@ -34,16 +34,26 @@ log = logging.getLogger(__name__)
 
 
 class ImageClassifier(torch.nn.Module):
-    """uint8 (or 0-255 float) NCHW images in, class logits out; normalisation is part of the graph."""
+    """uint8 (or 0-255 float) NCHW images in, class logits out; normalisation is part of the graph. With
+    `flip_tta`, an evaluating model (not a training one) returns the mean of each image's logits and its mirror
+    image's: training flips images at random, so both views are ones the network has learnt."""
 
-    def __init__(self, backbone: torch.nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+    def __init__(
+        self, backbone: torch.nn.Module, mean: tuple[float, ...], std: tuple[float, ...], flip_tta: bool = False
+    ):
         super().__init__()
         self.backbone = backbone
+        self.flip_tta = flip_tta
         self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(std).view(1, 3, 1, 1)))
         self.register_buffer("shift", -torch.tensor(mean).view(1, 3, 1, 1) / torch.tensor(std).view(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(images.float() * self.scale + self.shift)
+        normalised = images.float() * self.scale + self.shift
+        if self.training or not self.flip_tta:
+            return self.backbone(normalised)
+        # One pass over both views; unflatten, not chunk, keeps the exported graph's batch dimension dynamic.
+        both = self.backbone(torch.cat([normalised, normalised.flip(-1)]))
+        return both.unflatten(0, (2, -1)).mean(0)
 
 
 @contextlib.contextmanager
@@ -118,11 +128,13 @@ def _init_head(backbone: torch.nn.Module) -> torch.nn.Module:
     return backbone
 
 
-def create_model(pretrained: str, pretrained_weights: str, stem_stride: int) -> tuple[ImageClassifier, str]:
+def create_model(
+    pretrained: str, pretrained_weights: str, stem_stride: int, flip_tta: bool = False
+) -> tuple[ImageClassifier, str]:
     """The detector, and where its starting weights came from (`random`, `hub:...`, `file:...`)."""
     backbone, weights_source = _backbone(pretrained, pretrained_weights)
     backbone = _init_head(_set_stem_stride(backbone, stem_stride))
-    return ImageClassifier(backbone, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), weights_source
+    return ImageClassifier(backbone, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, flip_tta), weights_source
 
 
 def save_checkpoint(path: Path, model: ImageClassifier, config: dict[str, Any], epoch: int, metrics: dict) -> None:
@@ -146,6 +158,8 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[Ima
     backbone = timm.create_model(checkpoint["architecture"], pretrained=False, num_classes=len(CLASS_NAMES))
     # Checkpoints written before `stem_stride` existed were trained with timm's stride 2.
     backbone = _set_stem_stride(backbone, checkpoint["config"].get("stem_stride", 2))
-    model = ImageClassifier(backbone, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    # Checkpoints written before `flip_tta` existed were evaluated and exported without it.
+    flip_tta = checkpoint["config"].get("flip_tta", "false") == "true"
+    model = ImageClassifier(backbone, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, flip_tta)
     model.load_state_dict(checkpoint["state_dict"])
     return model.to(device).eval(), {key: value for key, value in checkpoint.items() if key != "state_dict"}

@@ -372,7 +372,10 @@ def _train(config: RunConfig, device: torch.device) -> TrainingResult | None:
         splits = {split: to_device_tensors(*pair, device) for split, pair in arrays.items()}
 
         model, weights_source = create_model(
-            config.model.pretrained, config.model.pretrained_weights, config.model.stem_stride
+            config.model.pretrained,
+            config.model.pretrained_weights,
+            config.model.stem_stride,
+            flip_tta=config.model.flip_tta == "true",
         )
         tracking.set_tags({"cifake.weights_source": weights_source, "cifake.device": str(device)})
         checkpoint = work / "best.pt"

@@ -1,5 +1,6 @@
 """The premises of the benchmarks: bench/memory.py's repeated dataset survives deduplication with the original's
-pixels; bench/first_steps.py's two heads start where it says."""
+pixels; bench/first_steps.py's two heads start where it says; bench/flip_tta.py scores with the model's
+flip averaging off and on."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 from cifake_core.config import TrainConfig
 from cifake_core.data import load_split_arrays, prepare_splits
+from cifake_core.models import ImageClassifier
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -72,3 +74,22 @@ def test_first_steps_start_at_chance_with_our_head_and_far_from_it_with_timms() 
     assert first["ours"]["loss"] == pytest.approx(math.log(2), abs=0.05)
     assert first["timm"]["mean_abs_logit"] > 10 * first["ours"]["mean_abs_logit"]
     assert first["timm"]["gradient_norm"] > 10 * first["ours"]["gradient_norm"]
+
+
+class _LeftMinusRight(torch.nn.Module):
+    """Logit of class 1 = left half's mean minus right half's: a mirror image gets the opposite logit."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        half = images.shape[-1] // 2
+        score = images[..., :half].float().mean((1, 2, 3)) - images[..., half:].float().mean((1, 2, 3))
+        return torch.stack([torch.zeros_like(score), score], dim=1)
+
+
+def test_flip_tta_averages_each_image_with_its_mirror() -> None:
+    split_figures = _bench_module("flip_tta").split_figures
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = (images[..., :4].float().mean((1, 2, 3)) > images[..., 4:].float().mean((1, 2, 3))).long()
+    model = ImageClassifier(_LeftMinusRight(), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)).eval()
+    figures = split_figures(model, images, labels, torch.device("cpu"))
+    assert figures["plain_auc"] == 1.0
+    assert figures["flip_auc"] == 0.5  # image and mirror cancel: every averaged logit is 0

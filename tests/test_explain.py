@@ -77,6 +77,15 @@ def test_the_heatmap_has_the_image_size_and_lights_up_the_patch_that_decides_the
     assert not np.allclose(overlay_pixels, np.asarray(image, dtype=float))
 
 
+def test_a_model_with_flip_tta_explains_the_image_as_given():
+    image = _with_patch((32, 32), (20, 4, 28, 12))  # right half: its mirror image's patch is on the left
+    averaging = _patch_model()
+    averaging.flip_tta = True
+    heatmap, _ = explain_image(averaging, image, image_size=32)
+    np.testing.assert_allclose(heatmap, explain_image(_patch_model(), image, image_size=32)[0], atol=1e-5)
+    assert heatmap[4:12, 20:28].mean() > 0.5 > heatmap[:, :12].max()
+
+
 def test_a_larger_image_is_explained_at_its_own_size():
     heatmap, overlay = explain_image(_patch_model(), _with_patch((128, 128), (0, 0, 32, 32)), image_size=32)
     assert heatmap.shape == (128, 128) and overlay.size == (128, 128)

@@ -225,3 +225,40 @@ def test_training_and_export_run_on_cuda(tiny_demo, tracking_store):
     config = load_config(None, {"data_dir": str(tiny_demo), "epochs": "1", "batch_size": "16", "device": "cuda"})
     result = pipeline.train(config)
     assert result.version == "1" and 0.0 <= result.metrics["test_auc"] <= 1.0
+
+
+def _with_flip_tta(model: models.ImageClassifier) -> models.ImageClassifier:
+    averaging = copy.deepcopy(model)
+    averaging.flip_tta = True
+    return averaging
+
+
+def test_flip_tta_scores_the_mean_of_image_and_mirror_when_evaluating_only(random_model):
+    averaging = _with_flip_tta(random_model)
+    images = torch.from_numpy(_batch(6))
+    with torch.no_grad():
+        plain, mirrored = random_model(images), random_model(images.flip(-1))
+        torch.testing.assert_close(averaging(images), (plain + mirrored) / 2)
+        torch.testing.assert_close(averaging(images.flip(-1)), averaging(images))
+        assert not torch.allclose(plain, mirrored, atol=1e-4)  # the network itself is not mirror-invariant
+        averaging.train()
+        torch.testing.assert_close(averaging(images), copy.deepcopy(random_model).train()(images))
+
+
+def test_flip_tta_is_in_the_onnx_graph_and_the_checkpoint(random_model, tmp_path: Path):
+    averaging = _with_flip_tta(random_model)
+    path = tmp_path / "model.onnx"
+    assert export_onnx(averaging, 32, path, check_batch=_batch(8))["onnx_max_abs_diff"] < 1e-4
+    session = onnx_session(path)
+    for count in (1, 5):
+        batch = _batch(count, seed=count)
+        with torch.no_grad():
+            expected = prob_ai(averaging(torch.from_numpy(batch))).numpy()
+        np.testing.assert_allclose(session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0], expected, atol=1e-4)
+        mirrored = np.ascontiguousarray(batch[..., ::-1])
+        np.testing.assert_allclose(session.run([OUTPUT_NAME], {INPUT_NAME: mirrored})[0], expected, atol=1e-4)
+    for flip_tta in ("true", "false"):
+        models.save_checkpoint(tmp_path / "best.pt", averaging, {"flip_tta": flip_tta}, epoch=1, metrics={})
+        assert models.load_checkpoint(tmp_path / "best.pt")[0].flip_tta is (flip_tta == "true")
+    models.save_checkpoint(tmp_path / "old.pt", averaging, {"stem_stride": 2}, epoch=1, metrics={})
+    assert models.load_checkpoint(tmp_path / "old.pt")[0].flip_tta is False  # written before flip_tta existed
