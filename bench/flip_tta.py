@@ -35,8 +35,9 @@ BATCH_SIZE = 512
 
 
 def split_figures(model: ImageClassifier, images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> dict:
-    """AUC, F1 at 0.5 and seconds of one split, scored by `model` with its `flip_tta` off (`plain`) and on (`flip`)."""
-    figures = {}
+    """AUC, F1 at 0.5 and seconds of one split, scored by `model` with its `flip_tta` off (`plain`) and on (`flip`);
+    the model's own setting is restored afterwards."""
+    figures, own_setting = {}, model.flip_tta
     for name, flip_tta in (("plain", False), ("flip", True)):
         model.flip_tta = flip_tta
         started = time.perf_counter()
@@ -44,6 +45,7 @@ def split_figures(model: ImageClassifier, images: torch.Tensor, labels: torch.Te
         figures[f"{name}_seconds"] = time.perf_counter() - started
         metrics = binary_metrics(labels.numpy(), prob_ai(logits).numpy(), 0.5, name)
         figures |= {f"{name}_auc": metrics[f"{name}_auc"], f"{name}_f1": metrics[f"{name}_f1"]}
+    model.flip_tta = own_setting
     return figures
 
 
