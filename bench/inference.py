@@ -4,8 +4,10 @@ levels, INT8 quantisation with its AUC change, and how predicting a folder split
 One trained model (its checkpoint, from a model URI) and one dataset in the CIFAKE layout. The test split
 of the model's own config (same seed, caps and deduplication) is decoded once with the shared preprocessing,
 timed: that is the decode side of predicting a folder of ~20,000 files. The model side is onnxruntime over
-the decoded arrays. INT8 is onnxruntime's static QDQ quantisation (per-channel weights), calibrated on
-validation images, and judged on the whole test split against the FP32 graph.
+the decoded arrays. `--flip_tta` measures the model with its mirror-image averaging forced on or off (it runs
+inside the graph, so it doubles the pixels each prediction scores). INT8 is onnxruntime's static QDQ
+quantisation (per-channel weights), calibrated on validation images, and judged on the whole test split
+against the FP32 graph.
 
 Usage:
     MLFLOW_TRACKING_URI=sqlite:///mlflow.db .venv/bin/python bench/inference.py \\
@@ -92,6 +94,12 @@ def main() -> None:
     parser.add_argument("--data_dir", required=True, help="dataset root in the CIFAKE layout")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seconds", type=float, default=3.0, help="time per throughput measurement")
+    parser.add_argument(
+        "--flip_tta",
+        choices=("checkpoint", "true", "false"),
+        default="checkpoint",
+        help="score each image with its mirror image: as the model was trained (checkpoint), or force it on or off",
+    )
     parser.add_argument("--output", default="", help="write the figures to this JSON file")
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)
@@ -101,8 +109,13 @@ def main() -> None:
         work = Path(folder)
         model, meta = load_checkpoint(tracking.download_checkpoint(arguments.model_uri, work))
         config = meta["config"]
+        if arguments.flip_tta != "checkpoint":
+            model.flip_tta = arguments.flip_tta == "true"
         image_size = int(config["image_size"])
-        print(f"[bench] {arguments.model_uri}: epoch {meta['epoch']}, {image_size} px", flush=True)
+        print(
+            f"[bench] {arguments.model_uri}: epoch {meta['epoch']}, {image_size} px, flip_tta {model.flip_tta}",
+            flush=True,
+        )
         prepared = prepare_splits(
             find_dataset_root(arguments.data_dir),
             float(config["val_fraction"]),
