@@ -88,6 +88,13 @@ class TrainConfig:
     num_workers: int = field(
         default=-1, metadata=_help("processes that decode images; 0 = in-process, -1 = one per available CPU core")
     )
+    translate: int = field(
+        default=0,
+        metadata=_help(
+            "largest random shift of a training image, in pixels along each axis (the uncovered border filled by "
+            "reflection); 0 = none"
+        ),
+    )
     augment: str = field(
         default="false", metadata=_help("train on degraded copies too (down/up-scale, blur, noise, crop): true|false")
     )
@@ -221,6 +228,11 @@ def _check(values: dict[str, Any]) -> None:
         ("grad_clip_norm", values["grad_clip_norm"] >= 0.0, "0 (no clipping) or a positive norm, e.g. 1.0"),
         ("device", bool(_DEVICE_PATTERN.match(values["device"])), "auto, cpu, cuda, cuda:N or mps"),
         ("num_workers", values["num_workers"] >= -1, "-1 (one per core), 0 (in-process) or a number of processes"),
+        (
+            "translate",
+            0 <= values["translate"] <= values["image_size"] // 4,
+            f"between 0 and a quarter of image_size ({values['image_size'] // 4} pixels)",
+        ),
         ("augment", values["augment"] in SWITCH_CHOICES, "one of " + "|".join(SWITCH_CHOICES)),
         ("flip_tta", values["flip_tta"] in SWITCH_CHOICES, "one of " + "|".join(SWITCH_CHOICES)),
         ("experiment_name", bool(values["experiment_name"]), "a non-empty MLflow experiment name"),

@@ -28,6 +28,7 @@ KEY_PARAMS = (
     "weight_decay",
     "label_smoothing",
     "grad_clip_norm",
+    "translate",
     "image_size",
     "stem_stride",
     "flip_tta",

@@ -2,7 +2,8 @@
 
 `train_one_epoch` and `evaluate` return flat `dict[str, float]` with fixed prefixed keys (`train_loss`,
 `val_auc`, ...), ready to log as metrics. Augmentation runs on tensors on the device, so the input pipeline
-never decodes a file during training: always a random horizontal flip; with `augment`, also degradations
+never decodes a file during training: always a random horizontal flip; with `translate`, a random shift
+of a few pixels (reflect-padded, as in CIFAR training); with `augment`, also degradations
 like those of the robustness report (`robustness.py`): each image, with probability AUGMENT_PROBABILITY,
 is down- and up-scaled, blurred, noised or cropped and resized, at a random strength. JPEG re-encoding is
 not among them: it has no cheap tensor op on every device. Its effects are partly covered (blur and
@@ -87,6 +88,24 @@ def random_flip(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     return torch.where(flip.to(batch.device).view(-1, 1, 1, 1), batch.flip(-1), batch)
 
 
+def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Indices up to `size - 1` outside [0, size) mirrored back into it, as in reflect padding (-1 -> 1)."""
+    index = index.abs()
+    return torch.where(index >= size, 2 * (size - 1) - index, index)
+
+
+def random_translate(batch: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Each image shifted by up to `max_shift` pixels along each axis (drawn per image from `generator`), the
+    uncovered border filled by reflecting the image; the result is channels_last."""
+    count, _, height, width = batch.shape
+    shifts = torch.randint(-max_shift, max_shift + 1, (count, 2), generator=generator).to(batch.device)
+    rows = _reflect(torch.arange(height, device=batch.device) + shifts[:, :1], height)
+    columns = _reflect(torch.arange(width, device=batch.device) + shifts[:, 1:], width)
+    images = torch.arange(count, device=batch.device).view(-1, 1, 1)
+    # Advanced indices around the channel slice put the indexed dimensions first: (count, height, width, channels).
+    return batch[images, :, rows.unsqueeze(2), columns.unsqueeze(1)].permute(0, 3, 1, 2)
+
+
 def _uniform(bounds: tuple[float, float], generator: torch.Generator, count: int = 1) -> torch.Tensor:
     low, high = bounds
     return low + (high - low) * torch.rand(count, generator=generator)
@@ -132,13 +151,15 @@ def train_one_epoch(
     device: torch.device,
     generator: torch.Generator,
     description: str = "train",
+    translate: int = 0,
     augment: bool = False,
     label_smoothing: float = 0.0,
     grad_clip_norm: float = 0.0,
 ) -> dict[str, float]:
     """One pass over the training images at `order` (this process's share of the epoch, shuffled; see
     `distributed.epoch_sampler`): loss, accuracy, learning rate and speed, summed over all processes.
-    `augment` adds the `degrade` augmentations to the random flip; `train_loss` is the smoothed loss;
+    `translate` > 0 adds a random shift of up to that many pixels (`random_translate`) to the random flip, `augment`
+    the `degrade` augmentations; `train_loss` is the smoothed loss;
     `grad_clip_norm` > 0 scales each step's gradients down to at most that norm."""
     model.train()
     started = time.perf_counter()
@@ -147,6 +168,8 @@ def train_one_epoch(
     for start in tqdm(batch_starts(len(order), batch_size), desc=description, unit="batch", leave=False, disable=None):
         index = order[start : start + batch_size]
         batch = random_flip(images[index].to(device, non_blocking=True), generator)
+        if translate:
+            batch = random_translate(batch, translate, generator)
         if augment:
             batch = degrade(batch, generator)
         targets = labels[index].to(device, non_blocking=True)

@@ -195,6 +195,7 @@ def _train_epochs(
             device,
             generator,
             description=f"epoch {epoch}/{train.epochs}",
+            translate=train.translate,
             augment=train.augment == "true",
             label_smoothing=train.label_smoothing,
             grad_clip_norm=train.grad_clip_norm,
