@@ -39,6 +39,11 @@ def test_defaults_then_yaml_then_overrides(tmp_path: Path):
         ({"num_workers": "-2"}, "num_workers must be -1 .one per core., 0 .in-process. or a number"),
         ({"label_smoothing": "0.9"}, "label_smoothing must be between 0 and 0.5"),
         ({"grad_clip_norm": "-1"}, "grad_clip_norm must be 0 .no clipping. or a positive norm"),
+        ({"translate": "9"}, "translate must be between 0 and a quarter of image_size .8 pixels., got 9"),
+        (
+            {"translate": "-1", "image_size": "64"},
+            "translate must be between 0 and a quarter of image_size .16 pixels.",
+        ),
         ({"flip_tta": "yes"}, "flip_tta must be one of true.false, got 'yes'"),
         ({"promote": "sometimes"}, "promote must be one of auto|always|never"),
         ({"device": "tpu"}, "device must be auto, cpu, cuda, cuda:N or mps"),

@@ -15,7 +15,7 @@ from PIL import Image, ImageFilter
 
 from cifake_core import data, pipeline, tracking
 from cifake_core.config import load_config
-from cifake_core.engine import degrade, train_one_epoch
+from cifake_core.engine import degrade, random_translate, train_one_epoch
 from cifake_core.errors import ConfigError, DatasetError
 from cifake_core.models import create_model
 from cifake_core.preprocessing import to_model_array
@@ -244,6 +244,18 @@ def test_augment_degrades_about_half_the_images_reproducibly():
     changed = (first != images).flatten(1).any(1).float().mean().item()
     assert 0.4 < changed < 0.6
     assert (first.float() - images.float()).abs().flatten(1).mean(1).max() > 10  # degraded, not nudged
+
+
+def test_translate_shifts_each_image_within_a_reflected_border_reproducibly():
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (60, 3, 32, 32), dtype=np.uint8))
+    shifted = random_translate(images, 3, torch.Generator().manual_seed(1))
+    assert shifted.dtype == torch.uint8 and shifted.shape == images.shape
+    torch.testing.assert_close(shifted, random_translate(images, 3, torch.Generator().manual_seed(1)))
+    padded = torch.nn.functional.pad(images.float(), (3, 3, 3, 3), mode="reflect").to(torch.uint8)
+    crops = {(dy, dx): padded[:, :, 3 + dy : 35 + dy, 3 + dx : 35 + dx] for dy in range(-3, 4) for dx in range(-3, 4)}
+    found = [[shift for shift, crop in crops.items() if torch.equal(crop[i], shifted[i])] for i in range(len(images))]
+    assert all(len(shifts) == 1 for shifts in found)  # every image is one reflect-padded crop within 3 pixels
+    assert len({shifts[0] for shifts in found}) > 20  # drawn per image, not once per batch
 
 
 def test_training_with_augment_runs_a_step():
