@@ -1,6 +1,6 @@
 """The premises of the benchmarks: bench/memory.py's repeated dataset survives deduplication with the original's
 pixels; bench/first_steps.py's two heads start where it says; bench/flip_tta.py scores with the model's
-flip averaging off and on."""
+flip averaging off and on; bench/depthwise.py times each depthwise layer at the input it gets in training."""
 
 from __future__ import annotations
 
@@ -93,3 +93,11 @@ def test_flip_tta_averages_each_image_with_its_mirror() -> None:
     figures = split_figures(model, images, labels, torch.device("cpu"))
     assert figures["plain_auc"] == 1.0
     assert figures["flip_auc"] == 0.5  # image and mirror cancel: every averaged logit is 0
+
+
+@pytest.mark.parametrize(("stem_stride", "last_side"), [(1, 2), (2, 1)])
+def test_depthwise_bench_records_each_layers_training_input(stem_stride: int, last_side: int) -> None:
+    layers = _bench_module("depthwise").depthwise_inputs(batch_size=3, image_size=32, stem_stride=stem_stride)
+    assert len(layers) == 15
+    assert layers[0][1] == (3, 16, 32 // stem_stride, 32 // stem_stride)
+    assert layers[-1][1] == (3, 960, last_side, last_side)
