@@ -1,9 +1,11 @@
-"""Depthwise weight-gradient benchmark: PyTorch's (oneDNN on a CPU) against `cifake_core.depthwise`'s slices,
-layer by layer, for every depthwise convolution of the detector at its training input size.
+"""Depthwise backward benchmark: PyTorch's gradients (oneDNN on a CPU) against `cifake_core.depthwise`'s, layer by
+layer, for every depthwise convolution of the detector at its training input size.
 
-Each layer's input shape is recorded from one forward pass of a batch; both gradients are then timed on random
-tensors of those shapes (after one warm-up call) and checked to agree. `sliced` marks the layers the pipeline
-slices (kernel larger than input); the totals say what a training step spends on these gradients either way.
+Each layer's input shape is recorded from one forward pass of a batch; then, on random tensors of those shapes
+(after one warm-up call each), the input gradient is timed as PyTorch's and as a transposed convolution, and
+the weight gradient as PyTorch's and as slices, each pair checked to agree. `sliced` marks the layers whose weight
+gradient the pipeline slices (kernel larger than input); the totals say what a training step spends on these
+gradients either way.
 
 Usage:
     OMP_NUM_THREADS=1 .venv/bin/python bench/depthwise.py --stem_stride 1 --output depthwise.json
@@ -19,7 +21,7 @@ import time
 import torch
 
 from cifake_core.config import ModelConfig
-from cifake_core.depthwise import SlicedWeightGradConv2d, depthwise_weight_grad
+from cifake_core.depthwise import CpuBackwardDepthwiseConv2d, depthwise_input_grad, depthwise_weight_grad
 from cifake_core.models import create_model
 
 
@@ -31,10 +33,12 @@ def _milliseconds(work, repeats: int) -> float:
     return (time.perf_counter() - started) / repeats * 1000
 
 
-def depthwise_inputs(batch_size: int, image_size: int, stem_stride: int) -> list[tuple[SlicedWeightGradConv2d, tuple]]:
+def depthwise_inputs(
+    batch_size: int, image_size: int, stem_stride: int
+) -> list[tuple[CpuBackwardDepthwiseConv2d, tuple]]:
     """Each depthwise layer of the detector with the shape of its input in a training batch."""
     model, _ = create_model(pretrained="false", pretrained_weights="", stem_stride=stem_stride)
-    layers = [module for module in model.modules() if isinstance(module, SlicedWeightGradConv2d)]
+    layers = [module for module in model.modules() if isinstance(module, CpuBackwardDepthwiseConv2d)]
     shapes: dict[int, tuple] = {}
 
     def record(layer, inputs, output):
@@ -64,45 +68,50 @@ def main() -> None:
         output = torch.nn.functional.conv2d(images, layer.weight, None, layer.stride, layer.padding, 1, layer.groups)
         grad_output = torch.randn(output.shape, generator=generator)
 
-        pytorchs = functools.partial(
-            torch.nn.grad.conv2d_weight,
-            images,
-            layer.weight.shape,
-            grad_output,
-            layer.stride,
-            layer.padding,
-            1,
-            layer.groups,
-        )
-        sliced = functools.partial(
-            depthwise_weight_grad, images, grad_output, layer.kernel_size, layer.stride, layer.padding
-        )
-        torch.testing.assert_close(sliced(), pytorchs(), rtol=1e-3, atol=1e-2)
-        row = {
-            "input": list(shape),
-            "kernel": layer.kernel_size[0],
-            "stride": layer.stride[0],
-            "sliced_in_training": max(layer.kernel_size) > min(shape[-2:]),
-            "pytorch_ms": _milliseconds(pytorchs, arguments.repeats),
-            "sliced_ms": _milliseconds(sliced, arguments.repeats),
+        layout = (layer.stride, layer.padding)
+        timed = {
+            "input_pytorch": functools.partial(
+                torch.nn.grad.conv2d_input, shape, layer.weight, grad_output, *layout, 1, layer.groups
+            ),
+            "input_transposed": functools.partial(depthwise_input_grad, shape, layer.weight, grad_output, *layout),
+            "weight_pytorch": functools.partial(
+                torch.nn.grad.conv2d_weight, images, layer.weight.shape, grad_output, *layout, 1, layer.groups
+            ),
+            "weight_sliced": functools.partial(depthwise_weight_grad, images, grad_output, layer.kernel_size, *layout),
         }
+        with torch.no_grad():
+            torch.testing.assert_close(timed["input_transposed"](), timed["input_pytorch"](), rtol=1e-3, atol=1e-2)
+            torch.testing.assert_close(timed["weight_sliced"](), timed["weight_pytorch"](), rtol=1e-3, atol=1e-2)
+            row = {
+                "input": list(shape),
+                "kernel": layer.kernel_size[0],
+                "stride": layer.stride[0],
+                "sliced_in_training": max(layer.kernel_size) > min(shape[-2:]),
+            } | {f"{name}_ms": _milliseconds(work, arguments.repeats) for name, work in timed.items()}
         rows.append(row)
         print(f"[bench] {row}", flush=True)
 
-    print("\n| input | kernel, stride | PyTorch ms | sliced ms | pipeline uses |\n|---|---|---|---|---|")
+    print(
+        "\n| input | kernel, stride | input grad: PyTorch | transposed | weight grad: PyTorch | sliced |"
+        "\n|---|---|---|---|---|---|"
+    )
     for row in rows:
-        used = "sliced" if row["sliced_in_training"] else "PyTorch"
+        weight = [f"{row['weight_pytorch_ms']:.1f}", f"{row['weight_sliced_ms']:.1f}"]
+        weight[row["sliced_in_training"]] = f"**{weight[row['sliced_in_training']]}**"
         print(
-            f"| {'x'.join(map(str, row['input']))} | {row['kernel']}, {row['stride']} | {row['pytorch_ms']:.1f} "
-            f"| {row['sliced_ms']:.1f} | {used} |"
+            f"| {'x'.join(map(str, row['input']))} | {row['kernel']}, {row['stride']} | {row['input_pytorch_ms']:.1f} "
+            f"| **{row['input_transposed_ms']:.1f}** | {weight[0]} | {weight[1]} |"
         )
     totals = {
-        "all_pytorch_ms": sum(row["pytorch_ms"] for row in rows),
-        "pipeline_ms": sum(row["sliced_ms" if row["sliced_in_training"] else "pytorch_ms"] for row in rows),
+        "all_pytorch_ms": sum(row["input_pytorch_ms"] + row["weight_pytorch_ms"] for row in rows),
+        "pipeline_ms": sum(
+            row["input_transposed_ms"] + row["weight_sliced_ms" if row["sliced_in_training"] else "weight_pytorch_ms"]
+            for row in rows
+        ),
     }
     print(
-        f"\nper batch: PyTorch everywhere {totals['all_pytorch_ms']:.0f} ms, "
-        f"the pipeline {totals['pipeline_ms']:.0f} ms"
+        f"\nboth gradients, per batch: PyTorch's {totals['all_pytorch_ms']:.0f} ms, "
+        f"the pipeline's {totals['pipeline_ms']:.0f} ms (bold)"
     )
     if arguments.output:
         with open(arguments.output, "w") as handle:

@@ -5,7 +5,7 @@ pipeline does, with AdamW and a one-cycle schedule. Measured, each after warm-up
   - the input side alone (index a batch, random flip, move to the device) against a whole step;
   - the baseline: eager fp32, NCHW;
   - channels_last; channels_last with bf16 autocast; both of these under `torch.compile` (`--compile`);
-  - channels_last with the depthwise layers' sliced weight gradient (`cifake_core.depthwise`), the
+  - channels_last with the depthwise layers' CPU backward pass (`cifake_core.depthwise`), the
     pipeline's step (every other variant runs PyTorch's own depthwise convolution);
   - on a CPU, `--processes 2` also times two 1-thread processes side by side against one process using
     every thread (what data-parallel training on one machine trades).
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from cifake_core.config import ModelConfig
-from cifake_core.depthwise import SlicedWeightGradConv2d
+from cifake_core.depthwise import CpuBackwardDepthwiseConv2d
 from cifake_core.engine import resolve_device
 from cifake_core.models import create_model
 
@@ -70,9 +70,9 @@ def step_images_per_second(
     torch.manual_seed(0)
     model, _ = create_model(pretrained="false", pretrained_weights="", stem_stride=stem_stride)
     model = model.to(device)
-    if "sliced" not in variant:
+    if "depthwise_backward" not in variant:
         for module in model.modules():
-            if isinstance(module, SlicedWeightGradConv2d):
+            if isinstance(module, CpuBackwardDepthwiseConv2d):
                 module.__class__ = torch.nn.Conv2d
     if variant != "eager_fp32":
         model = model.to(memory_format=torch.channels_last)
@@ -105,7 +105,7 @@ def _one_thread_worker(arguments: tuple[int, int, int, int, int]) -> float:
     torch.set_num_threads(1)
     images, labels = _images(batch_size * 4, image_size, torch.device("cpu"))
     speed, _ = step_images_per_second(
-        "channels_last_sliced", images, labels, batch_size, steps, warmup, torch.device("cpu"), stem_stride
+        "channels_last_depthwise_backward", images, labels, batch_size, steps, warmup, torch.device("cpu"), stem_stride
     )
     return speed
 
@@ -140,7 +140,7 @@ def main() -> None:
     print(f"[bench] loader alone: {results['loader']:.0f} img/s", flush=True)
     warmups = {}
     compiled = ["channels_last_compile", "channels_last_bf16_compile"] if arguments.compile else []
-    variants = ["eager_fp32", "channels_last", "channels_last_sliced", "channels_last_bf16", *compiled]
+    variants = ["eager_fp32", "channels_last", "channels_last_depthwise_backward", "channels_last_bf16", *compiled]
     for variant in variants:
         results[variant], warmups[variant] = step_images_per_second(
             variant, images, labels, batch_size, steps, warmup, device, arguments.stem_stride

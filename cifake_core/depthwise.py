@@ -1,15 +1,15 @@
-"""A faster weight gradient for the depthwise convolutions whose kernel is larger than their input, on a CPU.
+"""A faster backward pass for depthwise convolutions while training on a CPU.
 
-At 32 px MobileNetV3-Large's last 5x5 depthwise convolutions see 4x4 and 2x2 inputs. For those, oneDNN's weight
-gradient takes 220-350 ms a batch of 128 on one core, against 1-25 ms for every other depthwise layer and 3 ms for
-their own input gradient: about a third of a whole training step (docs/BENCHMARKS.md, "The depthwise weight
-gradient"). Summing one kernel tap at a time over strided slices of the input gives the same gradient in 16-22 ms.
-`use_sliced_weight_grad` switches a network's depthwise layers to that gradient; it applies only while training,
-on a CPU, to a layer whose kernel is larger than its input, so evaluation, ONNX export and GPUs run plain
-`torch.nn.Conv2d`, and the parameters and their state-dict names stay as they are.
+oneDNN's backward pass for depthwise convolutions has two slow paths on this project's CPU (docs/BENCHMARKS.md,
+"The depthwise backward pass"). Its input gradient takes 5-40x the time of a transposed convolution, which
+computes the same thing; and its weight gradient, for a layer whose kernel is larger than its input (at 32 px:
+MobileNetV3-Large's last 5x5 layers, on 4x4 and 2x2 inputs), takes 120-150 ms a batch of 128 against 20-25 ms for
+summing one kernel tap at a time over strided slices of the input. `use_cpu_backward` gives a network's depthwise
+layers that backward pass. It applies only while training on a CPU, so evaluation, ONNX export, Grad-CAM and GPUs
+run plain `torch.nn.Conv2d`, and the parameters and their state-dict names stay as they are.
 
 Usage:
-    backbone = use_sliced_weight_grad(timm.create_model("mobilenetv3_large_100"))
+    backbone = use_cpu_backward(timm.create_model("mobilenetv3_large_100"))
 """
 
 from __future__ import annotations
@@ -46,7 +46,20 @@ def depthwise_weight_grad(
     return torch.stack(taps, 1).view(-1, 1, kernel_height, kernel_width)
 
 
-class _SlicedWeightGradConv(torch.autograd.Function):
+def depthwise_input_grad(
+    input_size: torch.Size, weight: torch.Tensor, grad_output: torch.Tensor, stride: tuple[int, int], padding
+) -> torch.Tensor:
+    """The gradient of a depthwise convolution's input, as the transposed convolution of the output gradient."""
+    output_padding = [
+        size - ((out - 1) * step - 2 * pad + kernel)
+        for size, out, step, pad, kernel in zip(
+            input_size[-2:], grad_output.shape[-2:], stride, padding, weight.shape[-2:], strict=True
+        )
+    ]
+    return F.conv_transpose2d(grad_output, weight, None, stride, padding, output_padding, weight.shape[0])
+
+
+class _CpuBackwardDepthwise(torch.autograd.Function):
     @staticmethod
     def forward(ctx, images, weight, stride, padding):
         ctx.save_for_backward(images, weight)
@@ -58,21 +71,24 @@ class _SlicedWeightGradConv(torch.autograd.Function):
         images, weight = ctx.saved_tensors
         grad_images = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_images = torch.nn.grad.conv2d_input(
-                images.shape, weight, grad_output, ctx.stride, ctx.padding, groups=weight.shape[0]
-            )
+            grad_images = depthwise_input_grad(images.shape, weight, grad_output, ctx.stride, ctx.padding)
         if ctx.needs_input_grad[1]:
-            grad_weight = depthwise_weight_grad(images, grad_output, weight.shape[-2:], ctx.stride, ctx.padding)
+            if max(weight.shape[-2:]) > min(images.shape[-2:]):
+                grad_weight = depthwise_weight_grad(images, grad_output, weight.shape[-2:], ctx.stride, ctx.padding)
+            else:
+                grad_weight = torch.nn.grad.conv2d_weight(
+                    images, weight.shape, grad_output, ctx.stride, ctx.padding, groups=weight.shape[0]
+                )
         return grad_images, grad_weight, None, None
 
 
-class SlicedWeightGradConv2d(torch.nn.Conv2d):
-    """A bias-free depthwise `torch.nn.Conv2d` whose weight gradient, while training on a CPU with an input
-    smaller than the kernel, is `depthwise_weight_grad`'s."""
+class CpuBackwardDepthwiseConv2d(torch.nn.Conv2d):
+    """A bias-free depthwise `torch.nn.Conv2d` whose backward pass, while training on a CPU, is
+    `depthwise_input_grad` and, for inputs smaller than the kernel, `depthwise_weight_grad`."""
 
     def _conv_forward(self, images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.training and images.device.type == "cpu" and max(self.kernel_size) > min(images.shape[-2:]):
-            return _SlicedWeightGradConv.apply(images, weight, self.stride, self.padding)
+        if self.training and images.device.type == "cpu":
+            return _CpuBackwardDepthwise.apply(images, weight, self.stride, self.padding)
         return super()._conv_forward(images, weight, bias)
 
 
@@ -88,11 +104,11 @@ def _is_plain_depthwise(module: torch.nn.Module) -> bool:
     )
 
 
-def use_sliced_weight_grad(network: torch.nn.Module) -> torch.nn.Module:
-    """`network` with each plain depthwise convolution made a `SlicedWeightGradConv2d`, in place."""
+def use_cpu_backward(network: torch.nn.Module) -> torch.nn.Module:
+    """`network` with each plain depthwise convolution made a `CpuBackwardDepthwiseConv2d`, in place."""
     for module in network.modules():
         if _is_plain_depthwise(module):
             # A subclass adding no state: swapping the class keeps the parameters, hooks and state-dict names
             # (torch.nn.utils.parametrize swaps classes the same way).
-            module.__class__ = SlicedWeightGradConv2d
+            module.__class__ = CpuBackwardDepthwiseConv2d
     return network

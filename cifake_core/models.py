@@ -22,7 +22,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from cifake_core import CLASS_NAMES
-from cifake_core.depthwise import use_sliced_weight_grad
+from cifake_core.depthwise import use_cpu_backward
 from cifake_core.errors import PretrainedWeightsError
 from cifake_core.files import atomic_path
 from cifake_core.network import host_reachable
@@ -134,7 +134,7 @@ def create_model(
 ) -> tuple[ImageClassifier, str]:
     """The detector, and where its starting weights came from (`random`, `hub:...`, `file:...`)."""
     backbone, weights_source = _backbone(pretrained, pretrained_weights)
-    backbone = use_sliced_weight_grad(_init_head(_set_stem_stride(backbone, stem_stride)))
+    backbone = use_cpu_backward(_init_head(_set_stem_stride(backbone, stem_stride)))
     return ImageClassifier(backbone, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, flip_tta), weights_source
 
 
