@@ -1,12 +1,13 @@
 """A faster backward pass for depthwise convolutions while training on a CPU.
 
 oneDNN's backward pass for depthwise convolutions has two slow paths on this project's CPU (docs/BENCHMARKS.md,
-"The depthwise backward pass"). Its input gradient takes 5-40x the time of a transposed convolution, which
-computes the same thing; and its weight gradient, for a layer whose kernel is larger than its input (at 32 px:
-MobileNetV3-Large's last 5x5 layers, on 4x4 and 2x2 inputs), takes 120-150 ms a batch of 128 against 20-25 ms for
-summing one kernel tap at a time over strided slices of the input. `use_cpu_backward` gives a network's depthwise
-layers that backward pass. It applies only while training on a CPU, so evaluation, ONNX export, Grad-CAM and GPUs
-run plain `torch.nn.Conv2d`, and the parameters and their state-dict names stay as they are.
+"The depthwise backward pass"). Its weight gradient, for a layer whose kernel is larger than its input (at 32 px:
+MobileNetV3-Large's last 5x5 layers, on 4x4 and 2x2 inputs), takes 80-150 ms a batch of 128 on one core, against
+12-25 ms for summing one kernel tap at a time over strided slices of the input; and its input gradient is slower
+than a transposed convolution, which computes the same thing (by up to 4.7x at this network's layers, never
+faster). `use_cpu_backward` gives a network's depthwise layers that backward pass: 1.57x the whole training step
+at 32 px. It applies only while training on a CPU, so evaluation, ONNX export, Grad-CAM and GPUs run plain
+`torch.nn.Conv2d`, and the parameters and their state-dict names stay as they are.
 
 Usage:
     backbone = use_cpu_backward(timm.create_model("mobilenetv3_large_100"))
@@ -47,7 +48,11 @@ def depthwise_weight_grad(
 
 
 def depthwise_input_grad(
-    input_size: torch.Size, weight: torch.Tensor, grad_output: torch.Tensor, stride: tuple[int, int], padding
+    input_size: torch.Size,
+    weight: torch.Tensor,
+    grad_output: torch.Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
 ) -> torch.Tensor:
     """The gradient of a depthwise convolution's input, as the transposed convolution of the output gradient."""
     output_padding = [
