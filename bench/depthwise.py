@@ -21,7 +21,12 @@ import time
 import torch
 
 from cifake_core.config import ModelConfig
-from cifake_core.depthwise import CpuBackwardDepthwiseConv2d, depthwise_input_grad, depthwise_weight_grad
+from cifake_core.depthwise import (
+    CpuBackwardDepthwiseConv2d,
+    depthwise_input_grad,
+    depthwise_weight_grad,
+    slices_weight_grad,
+)
 from cifake_core.models import create_model
 
 
@@ -86,7 +91,7 @@ def main() -> None:
                 "input": list(shape),
                 "kernel": layer.kernel_size[0],
                 "stride": layer.stride[0],
-                "sliced_in_training": max(layer.kernel_size) > min(shape[-2:]),
+                "sliced_in_training": slices_weight_grad(layer.kernel_size, shape),
             } | {f"{name}_ms": _milliseconds(work, arguments.repeats) for name, work in timed.items()}
         rows.append(row)
         print(f"[bench] {row}", flush=True)

@@ -47,6 +47,12 @@ def depthwise_weight_grad(
     return torch.stack(taps, 1).view(-1, 1, kernel_height, kernel_width)
 
 
+def slices_weight_grad(kernel_size: tuple[int, ...], input_size: tuple[int, ...]) -> bool:
+    """Whether the CPU backward pass takes a layer's weight gradient by slices: where its kernel is larger than
+    its input (`input_size` ends with height and width), the only layers where slicing beats oneDNN."""
+    return max(kernel_size) > min(input_size[-2:])
+
+
 def depthwise_input_grad(
     input_size: torch.Size,
     weight: torch.Tensor,
@@ -78,7 +84,7 @@ class _CpuBackwardDepthwise(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_images = depthwise_input_grad(images.shape, weight, grad_output, ctx.stride, ctx.padding)
         if ctx.needs_input_grad[1]:
-            if max(weight.shape[-2:]) > min(images.shape[-2:]):
+            if slices_weight_grad(weight.shape[-2:], images.shape):
                 grad_weight = depthwise_weight_grad(images, grad_output, weight.shape[-2:], ctx.stride, ctx.padding)
             else:
                 grad_weight = torch.nn.grad.conv2d_weight(
