@@ -206,6 +206,13 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int
     return torch.cat(chunks)
 
 
+def sharded_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    """`predict_logits` split over the processes: each scores its shard and all get every logit, in order.
+    Every process must call it; alone, it is `predict_logits`."""
+    start, stop = shard_bounds(len(images))
+    return gather_shards(predict_logits(model, images[start:stop], batch_size, device), len(images))
+
+
 def prob_ai(logits: torch.Tensor) -> torch.Tensor:
     """The probability of class `ai` (index 1); the exported ONNX graph ends with this same function."""
     return torch.softmax(logits.float(), dim=1)[:, 1]
@@ -221,10 +228,9 @@ def evaluate(
 ) -> dict[str, float]:
     """Loss, AUC, accuracy, F1 and friends at threshold 0.5 on one whole split; keys prefixed with `prefix`.
 
-    With several processes each scores its shard and all get every logit, so all compute the same figures;
-    every process must call it (`predict_logits` is the single-process form)."""
-    start, stop = shard_bounds(len(images))
-    logits = gather_shards(predict_logits(model, images[start:stop], batch_size, device), len(images))
+    With several processes each scores its shard and all get every logit (`sharded_logits`), so all compute
+    the same figures; every process must call it."""
+    logits = sharded_logits(model, images, batch_size, device)
     targets = labels.cpu()
     metrics = binary_metrics(targets.numpy(), prob_ai(logits).numpy(), 0.5, prefix)
     return {f"{prefix}_loss": float(F.cross_entropy(logits, targets))} | metrics

@@ -18,12 +18,14 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from mlflow import MlflowClient
 from PIL import Image
 
 from cifake_core import pipeline, tracking
 from cifake_core.cli import main
-from cifake_core.config import BATCH_SIZE, load_config
+from cifake_core.config import BATCH_SIZE, TrainConfig, load_config
+from cifake_core.models import create_model, load_checkpoint
 from cifake_core.onnx_runtime import INPUT_NAME, OUTPUT_NAME, onnx_session
 from cifake_core.preprocessing import preprocess_image
 from cifake_core.robustness import PERTURBATIONS
@@ -212,6 +214,45 @@ def test_the_epoch_gets_the_configured_training_settings(tiny_demo: Path, tracki
     with pytest.raises(RuntimeError, match="stopped at the first epoch"):
         pipeline.train(_config(tiny_demo, batch_size=str(call["images"] - 1), device="cpu"))
     assert calls[-1]["schedule"] == 1
+
+
+def test_the_epoch_loop_ends_holding_the_best_epochs_weights(tmp_path: Path, monkeypatch):
+    """Val and test are scored after training with the model in memory: it must be the checkpointed best epoch,
+    here the first, not the last."""
+    val_aucs = iter([0.9, 0.5])
+    monkeypatch.setattr(
+        pipeline, "evaluate", lambda *args, **kwargs: {"val_auc": next(val_aucs), "val_loss": 0.5, "val_f1": 0.5}
+    )
+    monkeypatch.setattr(pipeline.tracking, "log_metrics", lambda *args, **kwargs: None)
+    weights_after_each_epoch = []
+
+    def recorded_epoch(model, *args, **kwargs):
+        metrics = real_epoch(model, *args, **kwargs)
+        weights_after_each_epoch.append({name: tensor.clone() for name, tensor in model.state_dict().items()})
+        return metrics
+
+    real_epoch = pipeline.train_one_epoch
+    monkeypatch.setattr(pipeline, "train_one_epoch", recorded_epoch)
+    model, _ = create_model("false", "", stem_stride=2)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    labels = torch.tensor([0, 1] * 4)
+    checkpoint = tmp_path / "best.pt"
+    best = pipeline._train_epochs(
+        model,
+        {"train": (images, labels), "val": (images, labels)},
+        torch.device("cpu"),
+        TrainConfig(epochs=2, batch_size=4, device="cpu", num_workers=0),
+        0,
+        checkpoint,
+        {"stem_stride": 2},
+    )
+    assert best["epoch"] == 1 and len(weights_after_each_epoch) == 2
+    first, last = weights_after_each_epoch
+    saved = load_checkpoint(checkpoint)[0].state_dict()
+    assert not torch.equal(first["backbone.conv_head.weight"], last["backbone.conv_head.weight"])
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, first[name]) and torch.equal(tensor, saved[name]), name
 
 
 @pytest.mark.slow
