@@ -6,12 +6,15 @@ equal-width bins of prob_ai, and in each bin the mean prob_ai is compared with t
 really are `ai`. ECE is the mean gap, weighted by each bin's share of images (0 = perfectly calibrated).
 Temperature scaling divides the logits by one scalar T > 0 before the softmax: it leaves the ranking (AUC)
 untouched and only makes the scores less (T > 1) or more (T < 1) confident. T is fitted on validation logits
-by minimising the negative log-likelihood, never on test. Numpy and scipy only: no torch here.
+by minimising the negative log-likelihood, never on test. ECE depends on its bins and is noisy for a strong
+detector whose scores crowd the two end bins, so the report also gives the test NLL (log loss) before and
+after: a proper score, which says whether the temperature helped on images it was not fitted on. Numpy and
+scipy only: no torch here.
 
 Usage:
     temperature = fit_temperature(val_logits, val_labels)            # logits: (N, 2), labels: 1 = ai
     report = calibration_report(test_labels, prob_ai_before, prob_ai_after, temperature)
-    report["ece_before"], report["ece_after"]
+    report["ece_before"], report["ece_after"], report["nll_before"], report["nll_after"]
 """
 
 from __future__ import annotations
@@ -59,6 +62,14 @@ def expected_calibration_error(labels: np.ndarray, prob_ai: np.ndarray, bins: in
     )
 
 
+def log_loss(labels: np.ndarray, prob_ai: np.ndarray) -> float:
+    """Mean -log of the probability given to each image's true class (1 = ai); 0 = certain and right."""
+    # Clipped so one score of exactly 0 or 1 on the wrong side costs -log(1e-12), not infinity.
+    prob = np.asarray(prob_ai, dtype=np.float64)
+    prob_true = np.where(np.asarray(labels) == 1, prob, 1.0 - prob)
+    return float(-np.mean(np.log(np.clip(prob_true, 1e-12, 1.0))))
+
+
 def _negative_log_likelihood(margin: np.ndarray, sign: np.ndarray, temperature: float) -> float:
     # -log softmax(logits / T)[label] for two classes is log(1 + exp(-sign * margin / T)), computed stably.
     return float(np.mean(np.logaddexp(0.0, -sign * margin / temperature)))
@@ -91,7 +102,8 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 def calibration_report(
     labels: np.ndarray, prob_before: np.ndarray, prob_after: np.ndarray, temperature: float
 ) -> dict[str, object]:
-    """`calibration.json`: the temperature and, on these (test) images, ECE and reliability before and after."""
+    """`calibration.json`: the temperature and, on these (test) images, ECE, log loss and reliability before and
+    after."""
     return {
         "temperature": temperature,
         "fitted_on": "val",
@@ -100,6 +112,8 @@ def calibration_report(
         "images": len(labels),
         "ece_before": expected_calibration_error(labels, prob_before),
         "ece_after": expected_calibration_error(labels, prob_after),
+        "nll_before": log_loss(labels, prob_before),
+        "nll_after": log_loss(labels, prob_after),
         "reliability_before": reliability(labels, prob_before),
         "reliability_after": reliability(labels, prob_after),
     }

@@ -85,7 +85,10 @@ class _CpuBackwardDepthwise(torch.autograd.Function):
             grad_images = depthwise_input_grad(images.shape, weight, grad_output, ctx.stride, ctx.padding)
         if ctx.needs_input_grad[1]:
             if slices_weight_grad(weight.shape[-2:], images.shape):
-                grad_weight = depthwise_weight_grad(images, grad_output, weight.shape[-2:], ctx.stride, ctx.padding)
+                sliced = depthwise_weight_grad(images, grad_output, weight.shape[-2:], ctx.stride, ctx.padding)
+                # In the weight's own strides, as conv2d_weight gives them: DDP's gradient buckets copy each
+                # parameter's strides and warn, at every run, about a gradient with other ones.
+                grad_weight = torch.empty_like(weight).copy_(sliced)
             else:
                 grad_weight = torch.nn.grad.conv2d_weight(
                     images, weight.shape, grad_output, ctx.stride, ctx.padding, groups=weight.shape[0]

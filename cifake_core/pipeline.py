@@ -30,7 +30,7 @@ import yaml
 from PIL import Image
 
 from cifake_core import CLASS_NAMES, distributed, tracking
-from cifake_core.calibration import calibration_report, expected_calibration_error, fit_temperature
+from cifake_core.calibration import calibration_report, expected_calibration_error, fit_temperature, log_loss
 from cifake_core.config import DataConfig, RunConfig, TrainConfig
 from cifake_core.data import (
     PreparedData,
@@ -250,14 +250,27 @@ def _calibrate(
     test_scores = prob_ai(test_logits / temperature).numpy()
     report = calibration_report(test_labels, prob_ai(test_logits).numpy(), test_scores, temperature)
     tracking.log_metrics(
-        {"temperature": temperature, "test_ece_uncalibrated": report["ece_before"], "test_ece": report["ece_after"]}
+        {
+            "temperature": temperature,
+            "test_ece_uncalibrated": report["ece_before"],
+            "test_ece": report["ece_after"],
+            "test_nll_uncalibrated": report["nll_before"],
+            "test_nll": report["nll_after"],
+        }
     )
     for path in [
         write_json(work / "calibration.json", report),
         save_reliability_diagram(report, work / "reliability.png"),
     ]:
         tracking.log_artifact(path, "reports")
-    log.info("temperature %.3f: test ECE %.4f -> %.4f", temperature, report["ece_before"], report["ece_after"])
+    log.info(
+        "temperature %.3f: test ECE %.4f -> %.4f, test NLL %.4f -> %.4f",
+        temperature,
+        report["ece_before"],
+        report["ece_after"],
+        report["nll_before"],
+        report["nll_after"],
+    )
     return temperature, val_scores, test_scores
 
 
@@ -485,8 +498,9 @@ def evaluate_model(model_uri: str, config: RunConfig) -> dict[str, float]:
             "dataset_fingerprint": prepared.fingerprint,
         }
         metrics = _log_test_reports(Path(work_dir), labels, scores, threshold, details)
-        metrics["test_ece"] = expected_calibration_error(labels, scores)
-        tracking.log_metrics({"test_ece": metrics["test_ece"]})
+        calibration = {"test_ece": expected_calibration_error(labels, scores), "test_nll": log_loss(labels, scores)}
+        tracking.log_metrics(calibration)
+        metrics |= calibration
         return metrics | _log_robustness(
             Path(work_dir),
             prepared,

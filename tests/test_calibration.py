@@ -15,6 +15,7 @@ from cifake_core.calibration import (
     calibration_report,
     expected_calibration_error,
     fit_temperature,
+    log_loss,
     reliability,
 )
 from cifake_core.engine import prob_ai
@@ -47,6 +48,14 @@ def test_ece_by_hand():
     assert expected_calibration_error(labels, scores, bins=2) == pytest.approx(expected)
 
 
+def test_log_loss_by_hand_and_a_certain_wrong_score_is_finite():
+    labels = np.array([1, 0, 1])
+    expected = -(np.log(0.8) + np.log(0.9) + np.log(0.5)) / 3
+    assert log_loss(labels, np.array([0.8, 0.1, 0.5])) == pytest.approx(expected)
+    assert log_loss(np.array([1, 0]), np.array([1.0, 0.0])) == pytest.approx(0.0, abs=1e-9)
+    assert log_loss(np.array([0]), np.array([1.0])) == pytest.approx(-np.log(1e-12))
+
+
 def test_reliability_bins_every_image_once_and_leaves_empty_bins_empty():
     labels = np.array([0, 1, 1])
     data = reliability(labels, np.array([0.0, 0.99, 1.0]), bins=4)
@@ -70,6 +79,7 @@ def test_temperature_scaling_finds_the_distortion_and_lowers_ece(overconfidence)
     report = calibration_report(test_labels, _prob(test_logits), _prob(test_logits, temperature), temperature)
     assert report["ece_before"] > 0.05
     assert report["ece_after"] < 0.02
+    assert report["nll_after"] < report["nll_before"] - 0.01
     assert report["temperature"] == temperature and report["images"] == len(test_labels)
     assert sum(report["reliability_after"]["count"]) == len(test_labels)
 

@@ -75,6 +75,18 @@ def test_a_training_layer_gets_pytorchs_gradients_and_slices_only_inputs_smaller
     assert calls == expected
 
 
+@pytest.mark.parametrize("size", [2, 16], ids=["sliced", "conv2d_weight"])
+def test_the_weight_gradient_has_the_channels_last_weights_own_strides(size: int):
+    # DDP's gradient buckets copy each parameter's strides and warn about a gradient with other ones.
+    layer = use_cpu_backward(torch.nn.Sequential(torch.nn.Conv2d(8, 8, 5, 1, 2, groups=8, bias=False)))
+    layer = layer.to(memory_format=torch.channels_last)
+    images = torch.randn(4, 8, size, size).contiguous(memory_format=torch.channels_last)
+    (layer.train()(images) ** 2).sum().backward()
+    weight = layer[0].weight
+    assert weight.stride() == (25, 1, 5, 1)
+    assert weight.grad.stride() == weight.stride()
+
+
 def test_the_detector_swaps_only_its_depthwise_layers_and_keeps_timms_parameter_names():
     model, _ = create_model(pretrained="false", pretrained_weights="", stem_stride=1)
     swapped = [module for module in model.modules() if isinstance(module, CpuBackwardDepthwiseConv2d)]

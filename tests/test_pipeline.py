@@ -109,6 +109,8 @@ def test_training_logs_registers_promotes_and_serves(tiny_demo: Path, tracking_s
         "temperature",
         "test_ece",
         "test_ece_uncalibrated",
+        "test_nll",
+        "test_nll_uncalibrated",
         *(f"robust_{p.name}_{figure}" for p in PERTURBATIONS for figure in ("auc", "fpr")),
     }
     assert expected_metrics <= set(run.data.metrics)
@@ -169,7 +171,8 @@ def test_training_logs_registers_promotes_and_serves(tiny_demo: Path, tracking_s
     assert _production() == "1"
 
     metrics = pipeline.evaluate_model(f"models:/{MODEL}/2", _config(tiny_demo))
-    assert 0.0 <= metrics["test_auc"] <= 1.0 and {"test_f1", "test_ece", "robust_jpeg50_auc"} <= set(metrics)
+    assert 0.0 <= metrics["test_auc"] <= 1.0
+    assert {"test_f1", "test_ece", "test_nll", "robust_jpeg50_auc"} <= set(metrics)
 
 
 @pytest.mark.slow
