@@ -45,6 +45,7 @@ from cifake_core.demo import DEMO_VERSION, ensure_demo_dataset
 from cifake_core.engine import (
     batch_starts,
     evaluate,
+    keep_freed_memory_for_reuse,
     one_cycle_adamw,
     predict_logits,
     prob_ai,
@@ -370,6 +371,8 @@ def train(config: RunConfig) -> TrainingResult | None:
 def _train(config: RunConfig, device: torch.device) -> TrainingResult | None:
     # Logged, checkpointed and trained with the batch size this device gets, never the `0` that chose it.
     config = dataclasses.replace(config, train=config.train.for_device(device.type))
+    if device.type == "cpu":
+        keep_freed_memory_for_reuse()
     with distributed.local_main_first():  # the demo data is generated once per node
         root, name = resolve_dataset(config.data.data_dir)
     torch.manual_seed(config.data.seed)
