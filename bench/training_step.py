@@ -8,11 +8,16 @@ pipeline does, with AdamW and a one-cycle schedule. Measured, each after warm-up
   - channels_last with the depthwise layers' CPU backward pass (`cifake_core.depthwise`), the
     pipeline's step (every other variant runs PyTorch's own depthwise convolution);
   - on a CPU, `--processes 2` also times two 1-thread processes side by side against one process using
-    every thread (what data-parallel training on one machine trades).
+    every thread (what data-parallel training on one machine trades);
+  - on a CPU, `--allocator_rounds N` also times the pipeline's step in fresh 1-thread processes with glibc's
+    malloc as it comes and with `engine.keep_freed_memory_for_reuse` (a process-wide setting, which the
+    pipeline makes and every other measurement here does not), the two alternating N times, with page
+    faults per image and the share of CPU time spent in the kernel.
 Prints a progress line per measurement and a Markdown table; `--output FILE.json` keeps the figures.
 
 Usage:
     .venv/bin/python bench/training_step.py --compile --processes 2 --output docs/training_step.json
+    OMP_NUM_THREADS=1 taskset -c 0 .venv/bin/python bench/training_step.py --allocator_rounds 3
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import contextlib
 import json
 import multiprocessing
 import platform
+import resource
+import statistics
 import time
 
 import torch
@@ -29,7 +36,7 @@ import torch.nn.functional as F
 
 from cifake_core.config import ModelConfig
 from cifake_core.depthwise import CpuBackwardDepthwiseConv2d
-from cifake_core.engine import resolve_device
+from cifake_core.engine import keep_freed_memory_for_reuse, resolve_device
 from cifake_core.models import create_model
 
 
@@ -79,9 +86,7 @@ def step_images_per_second(
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=warmup + steps + 1)
     step_model = torch.compile(model) if "compile" in variant else model
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if "bf16" in variant else contextlib.nullcontext()
-    )
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if "bf16" in variant else contextlib.nullcontext()
     model.train()
     started = time.perf_counter()
     for index, (batch, targets) in enumerate(_batches(images, labels, batch_size, warmup + steps)):
@@ -100,14 +105,46 @@ def step_images_per_second(
     return batch_size * steps / (time.perf_counter() - started), warmup_seconds
 
 
-def _one_thread_worker(arguments: tuple[int, int, int, int, int]) -> float:
-    batch_size, image_size, steps, warmup, stem_stride = arguments
+def _one_thread_worker(arguments: tuple[int, int, int, int, int, bool]) -> dict[str, float]:
+    """The pipeline's step in this (fresh) process on one thread: images/s, and over warm-up and timed steps,
+    minor page faults per image and the kernel's share of the CPU time."""
+    batch_size, image_size, steps, warmup, stem_stride, keep_freed_memory = arguments
+    if keep_freed_memory:
+        keep_freed_memory_for_reuse()
     torch.set_num_threads(1)
     images, labels = _images(batch_size * 4, image_size, torch.device("cpu"))
+    before = resource.getrusage(resource.RUSAGE_SELF)
     speed, _ = step_images_per_second(
         "channels_last_depthwise_backward", images, labels, batch_size, steps, warmup, torch.device("cpu"), stem_stride
     )
-    return speed
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    kernel, user = after.ru_stime - before.ru_stime, after.ru_utime - before.ru_utime
+    return {
+        "images_per_second": speed,
+        "page_faults_per_image": (after.ru_minflt - before.ru_minflt) / (batch_size * (warmup + steps)),
+        "kernel_share": kernel / (kernel + user),
+    }
+
+
+def compare_allocators(work: tuple[int, int, int, int, int], rounds: int) -> dict[str, dict[str, float]]:
+    """Medians over `rounds` of the pipeline's 1-thread step with malloc as it comes and with freed memory kept,
+    each measurement in a fresh process, the two settings alternating so that drift hits both alike."""
+    runs = {"malloc_as_it_comes": [], "freed_memory_kept": []}
+    context = multiprocessing.get_context("spawn")
+    for round_index in range(rounds):
+        for name, keep in (("malloc_as_it_comes", False), ("freed_memory_kept", True)):
+            with context.Pool(1) as pool:
+                run = pool.apply(_one_thread_worker, ((*work, keep),))
+            runs[name].append(run)
+            print(
+                f"[bench] round {round_index + 1}/{rounds} {name}: {run['images_per_second']:.0f} img/s, "
+                f"{run['page_faults_per_image']:.0f} page faults/image, kernel {run['kernel_share']:.1%}",
+                flush=True,
+            )
+    return {
+        name: {key: statistics.median(run[key] for run in measured) for key in measured[0]}
+        for name, measured in runs.items()
+    }
 
 
 def main() -> None:
@@ -120,6 +157,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compiling)")
     parser.add_argument("--processes", type=int, default=0, help="CPU: also time N 1-thread processes at once")
+    parser.add_argument(
+        "--allocator_rounds", type=int, default=0, help="CPU: also compare malloc settings, N rounds of each"
+    )
     parser.add_argument("--output", default="", help="write the figures to this JSON file")
     arguments = parser.parse_args()
 
@@ -146,12 +186,17 @@ def main() -> None:
             variant, images, labels, batch_size, steps, warmup, device, arguments.stem_stride
         )
         print(f"[bench] {variant}: {results[variant]:.0f} img/s (warm-up {warmups[variant]:.1f} s)", flush=True)
+    work = (batch_size, arguments.image_size, steps, warmup, arguments.stem_stride)
     if arguments.processes and device.type == "cpu":
-        work = [(batch_size, arguments.image_size, steps, warmup, arguments.stem_stride)] * arguments.processes
         name = f"{arguments.processes}x1_thread_processes"
         with multiprocessing.get_context("spawn").Pool(arguments.processes) as pool:
-            results[name] = sum(pool.map(_one_thread_worker, work))
+            runs = pool.map(_one_thread_worker, [(*work, True)] * arguments.processes)
+        results[name] = sum(run["images_per_second"] for run in runs)
         print(f"[bench] {name}: {results[name]:.0f} img/s in all", flush=True)
+    allocators = {}
+    if arguments.allocator_rounds and device.type == "cpu":
+        allocators = compare_allocators(work, arguments.allocator_rounds)
+        results |= {f"1_thread_{name}": figures["images_per_second"] for name, figures in allocators.items()}
 
     baseline = results["eager_fp32"]
     print("\n| measurement | images/s | vs eager fp32 |\n|---|---|---|")
@@ -159,7 +204,13 @@ def main() -> None:
         print(f"| {name} | {value:.0f} | {value / baseline:.2f}x |")
     if arguments.output:
         with open(arguments.output, "w") as handle:
-            json.dump({"machine": machine, "images_per_second": results, "warmup_seconds": warmups}, handle, indent=2)
+            figures = {
+                "machine": machine,
+                "images_per_second": results,
+                "warmup_seconds": warmups,
+                "allocators": allocators,
+            }
+            json.dump(figures, handle, indent=2)
 
 
 if __name__ == "__main__":
