@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -32,6 +31,7 @@ from cifake_core import distributed
 from cifake_core.config import ModelConfig, TrainConfig
 from cifake_core.engine import keep_freed_memory_for_reuse, one_cycle_adamw, train_one_epoch
 from cifake_core.models import create_model
+from cifake_core.network import free_port
 
 VARIANTS = ("independent", "ddp", "ddp_bucket_view", "ddp_fp16_hook")
 CPU = torch.device("cpu")
@@ -92,12 +92,6 @@ def _worker(
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--processes", type=int, default=2)
@@ -113,7 +107,7 @@ def main() -> None:
         flush=True,
     )
     settings = (arguments.pin, arguments.batch_size, arguments.steps, arguments.warmup, arguments.output)
-    mp.spawn(_worker, args=(arguments.processes, _free_port(), *settings), nprocs=arguments.processes)
+    mp.spawn(_worker, args=(arguments.processes, free_port(), *settings), nprocs=arguments.processes)
 
 
 if __name__ == "__main__":

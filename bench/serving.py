@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import requests
 from PIL import Image
 
 from cifake_core import tracking
+from cifake_core.network import free_port
 from cifake_core.preprocessing import preprocess_image
 
 BATCH = 64
@@ -73,16 +73,10 @@ def _summary(timings: list[float]) -> dict[str, float]:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @contextmanager
 def _server(model_uri: str, workers: int):
     """`cifake serve` in its own process group on a free port; yields the base URL, stops it afterwards."""
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "cifake_core.cli", "serve", "--model_uri", model_uri, "--port", str(port)]
     command += ["--workers", str(workers)]
     env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}

@@ -16,7 +16,6 @@ import glob
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
+
+from cifake_core.network import free_port
 
 START_TIMEOUT_S = 180
 
@@ -48,12 +49,6 @@ def child_environment(**extra: str) -> dict[str, str]:
     environment = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_RUN")}
     path = os.pathsep.join([str(Path(sys.executable).parent), environment.get("PATH", "")])
     return environment | {"PATH": path, **extra}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def http_status(url: str) -> int:

@@ -24,8 +24,9 @@ from cifake_core.data import load_split_arrays, prepare_splits
 from cifake_core.engine import predict_logits, prob_ai
 from cifake_core.metrics import binary_metrics
 from cifake_core.models import load_checkpoint
+from cifake_core.network import free_port
 from cifake_core.tracking import run_json_artifact
-from tests.servers import child_environment, free_port
+from tests.servers import child_environment
 
 WORLD = 2
 

@@ -23,8 +23,9 @@ from mlflow import MlflowClient
 
 from cifake_core import tracking
 from cifake_core.errors import ConfigError
+from cifake_core.network import free_port
 from cifake_core.tracking_server import check_backend_store
-from tests.servers import child_environment, cifake_server, free_port, http_status, postgres_database, using_store
+from tests.servers import child_environment, cifake_server, http_status, postgres_database, using_store
 
 pytestmark = pytest.mark.slow
 TRAIN_FLAGS = ["--epochs", "1", "--batch_size", "16", "--num_workers", "0", "--device", "cpu"]
