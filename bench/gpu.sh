@@ -8,8 +8,8 @@
 #      with COPIES=0 the run trains on SOURCE_FOLDER itself (the real CIFAKE: then its AUC counts);
 #   2. with GPU_RECIPES set ("batch_size=128;image_size=64", `;` between recipes), those recipes trained
 #      at once on the full dataset by `bench/recipe.py --parallel`, each with its own store (copied to OUT);
-#   3. unless GPU_STEP_BENCH=0, the training step at batch 128 and 1024 (`bench/training_step.py`),
-#      `torch.compile` last.
+#   3. unless GPU_STEP_BENCH=0, the training step at the default batch, 256 (`bench/training_step.py`: eager,
+#      channels_last, with and without a host sync each step, cudnn.benchmark, bf16).
 # Every figure lands in OUT_FOLDER.
 #
 # Usage:
@@ -58,6 +58,5 @@ if [[ -n ${GPU_RECIPES:-} ]]; then
     done
 fi
 [[ ${GPU_STEP_BENCH:-1} == 0 ]] && exit 0
-timeout 90 python3 bench/training_step.py --device cuda --batch_size 1024 --steps 40 --warmup 5 --output "$out/step_1024.json"
-timeout 170 python3 bench/training_step.py --device cuda --batch_size 128 --steps 200 --warmup 10 --compile \
-    --output "$out/step_128.json" 2>&1 | tee "$out/step_128.log"
+timeout 150 python3 bench/training_step.py --device cuda --batch_size 256 --steps 200 --warmup 20 \
+    --output "$out/step_256.json" 2>&1 | tee "$out/step_256.log"

@@ -7,6 +7,8 @@ pipeline does, with AdamW and a one-cycle schedule. Measured, each after warm-up
   - channels_last; channels_last with bf16 autocast; both of these under `torch.compile` (`--compile`);
   - channels_last with the depthwise layers' CPU backward pass (`cifake_core.depthwise`), the
     pipeline's step (every other variant runs PyTorch's own depthwise convolution);
+  - on a GPU, also channels_last reading the loss back every step (`host_sync`: the host waits for the GPU
+    at each step, as the pipeline's loop did before it summed on the device) and with `cudnn.benchmark`;
   - on a CPU, `--processes 2` also times two 1-thread processes side by side against one process using
     every thread (what data-parallel training on one machine trades);
   - on a CPU, `--allocator_rounds N` also times the pipeline's step in fresh 1-thread processes with glibc's
@@ -18,6 +20,7 @@ Prints a progress line per measurement and a Markdown table; `--output FILE.json
 Usage:
     .venv/bin/python bench/training_step.py --compile --processes 2 --output docs/training_step.json
     OMP_NUM_THREADS=1 taskset -c 0 .venv/bin/python bench/training_step.py --allocator_rounds 3
+    python3 bench/training_step.py --device cuda --batch_size 256 --steps 200 --warmup 20
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import torch.nn.functional as F
 
 from cifake_core.config import ModelConfig
 from cifake_core.depthwise import CpuBackwardDepthwiseConv2d
-from cifake_core.engine import keep_freed_memory_for_reuse, resolve_device
+from cifake_core.engine import keep_freed_memory_for_reuse, random_flip, resolve_device
 from cifake_core.models import create_model
 
 
@@ -47,13 +50,12 @@ def _images(count: int, size: int, device: torch.device) -> tuple[torch.Tensor, 
 
 
 def _batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, steps: int):
-    """The pipeline's input side: a shuffled index, a random flip, the move to the device."""
+    """The pipeline's input side: a shuffled index, its random flip (`engine.random_flip`), on the device."""
     order = torch.randperm(len(images)).to(images.device)
+    generator = torch.Generator().manual_seed(0)
     for step in range(steps):
         index = order[(step * batch_size) % len(images) :][:batch_size]
-        batch = images[index]
-        flip = (torch.rand(len(index)) < 0.5).to(batch.device).view(-1, 1, 1, 1)
-        yield torch.where(flip, batch.flip(-1), batch), labels[index]
+        yield random_flip(images[index], generator), labels[index]
 
 
 def _synchronize(device: torch.device) -> None:
@@ -83,6 +85,7 @@ def step_images_per_second(
                 module.__class__ = torch.nn.Conv2d
     if variant != "eager_fp32":
         model = model.to(memory_format=torch.channels_last)
+    torch.backends.cudnn.benchmark = "cudnn_benchmark" in variant
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=warmup + steps + 1)
     step_model = torch.compile(model) if "compile" in variant else model
@@ -101,6 +104,8 @@ def step_images_per_second(
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if "host_sync" in variant:
+            loss.item()  # what the pipeline's loop did before it summed the loss on the device
     _synchronize(device)
     return batch_size * steps / (time.perf_counter() - started), warmup_seconds
 
@@ -180,8 +185,9 @@ def main() -> None:
     print(f"[bench] loader alone: {results['loader']:.0f} img/s", flush=True)
     warmups = {}
     compiled = ["channels_last_compile", "channels_last_bf16_compile"] if arguments.compile else []
-    variants = ["eager_fp32", "channels_last", "channels_last_depthwise_backward", "channels_last_bf16", *compiled]
-    for variant in variants:
+    on_cuda = ["channels_last_host_sync", "channels_last_cudnn_benchmark"] if device.type == "cuda" else []
+    variants = ["eager_fp32", "channels_last", *on_cuda, "channels_last_depthwise_backward", "channels_last_bf16"]
+    for variant in [*variants, *compiled]:
         results[variant], warmups[variant] = step_images_per_second(
             variant, images, labels, batch_size, steps, warmup, device, arguments.stem_stride
         )

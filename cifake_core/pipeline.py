@@ -53,6 +53,7 @@ from cifake_core.engine import (
     sharded_logits,
     to_device_tensors,
     train_one_epoch,
+    training_memory_format,
 )
 from cifake_core.errors import DatasetError
 from cifake_core.metrics import binary_metrics, confusion, curves, threshold_report
@@ -183,8 +184,7 @@ def _train_epochs(
 ) -> dict[str, float]:
     """The epoch loop, in every process; keeps the best epoch by val AUC in `checkpoint` (written by rank 0)
     and returns its metrics, with `model` holding its weights in every process."""
-    # channels_last: 1.2-1.3x the training throughput of NCHW on a CPU (bench/training_step.py, docs/BENCHMARKS.md).
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=training_memory_format(device, train.batch_size))
     parallel_model = distributed.wrap(model, device)
     sampler = distributed.epoch_sampler(len(splits["train"][0]), seed)
     steps_per_epoch = len(batch_starts(len(sampler), train.batch_size))

@@ -1,4 +1,4 @@
-"""The CPU memory setting of training: `engine.keep_freed_memory_for_reuse`."""
+"""Settings of the training step by device: `engine.keep_freed_memory_for_reuse`, `engine.training_memory_format`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+from cifake_core.engine import GPU_CHANNELS_LAST_MIN_BATCH, training_memory_format
 
 # Counts the page faults of allocating and filling a 64 MB tensor 20 times, as a training step does with its
 # activations, in a fresh process (the setting is process-wide), with the setting when argv[1] is "keep". The
@@ -46,3 +49,10 @@ def test_freed_activations_are_reused_without_faulting_their_pages_in_again():
     default, kept = _page_faults("default", "keep")
     assert kept < pages_per_tensor
     assert kept * 10 < default
+
+
+def test_training_lies_channels_last_on_a_cpu_and_on_a_gpu_only_at_large_batches():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert training_memory_format(cpu, 16) == training_memory_format(cpu, 4096) == torch.channels_last
+    assert training_memory_format(gpu, 256) == torch.contiguous_format
+    assert training_memory_format(gpu, GPU_CHANNELS_LAST_MIN_BATCH) == torch.channels_last
