@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU figures in one go, for a CUDA machine whose Python already holds PyTorch, timm, onnx and onnxruntime
-# (mlflow and the rest can come as wheels in .whl/, for a machine without a package registry):
+# (mlflow and the rest come in .whl/site.tar.xz, made by bench/gpu_bundle.sh, for a machine without a
+# package registry):
 #   1. the whole default training run (`experiments/stage.py train`, every default: decode, 8 epochs,
 #      test, calibration, ONNX export, registration, robustness) on a dataset of CIFAKE's size and layout,
 #      built from a folder of images repeated K times (`bench/memory.py`'s byte-distinct copies): its
@@ -24,8 +25,8 @@ source_folder=${2:?$usage}
 copies=${3:-24}
 shift $(( $# < 3 ? $# : 3 ))  # what is left overrides the training run's flags
 mkdir -p "$out"
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+if [[ -f .whl/site.tar.xz ]]; then  # made by bench/gpu_bundle.sh
+    mkdir -p /tmp/site && tar xJf .whl/site.tar.xz -C /tmp/site || exit 1
     export PYTHONPATH=/tmp/site
 fi
 # A fresh cache each time: the timed run must scan and decode, as a first run does.
