@@ -213,6 +213,7 @@ def train_one_epoch(
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
+    memory_format = training_memory_format(device, batch_size)
     for start in tqdm(batch_starts(len(order), batch_size), desc=description, unit="batch", leave=False, disable=None):
         index = order[start : start + batch_size]
         batch = random_flip(images[index].to(device, non_blocking=True), generator)
@@ -221,7 +222,7 @@ def train_one_epoch(
         if augment:
             batch = degrade(batch, generator)
         targets = labels[index].to(device, non_blocking=True)
-        logits = model(batch.contiguous(memory_format=training_memory_format(device, batch_size)))
+        logits = model(batch.contiguous(memory_format=memory_format))
         loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -232,6 +233,7 @@ def train_one_epoch(
         total_loss += loss.detach().double() * len(index)
         correct += (logits.argmax(1) == targets).sum()
         seen += len(index)
+    # Read before the clock stops: reading waits for the GPU, so the epoch's time includes all its queued work.
     totals = torch.tensor([total_loss.item(), correct.item(), seen], dtype=torch.float64)
     seconds = time.perf_counter() - started
     total_loss, correct, seen = all_reduce_sum(totals).tolist()
