@@ -7,12 +7,17 @@ pipeline keeps it. Variants, each timed over `--steps` steps after `--warmup` st
   - independent: no gradient exchange at all (the processes train separate models), the ceiling;
   - ddp: `distributed.wrap`, the pipeline's DistributedDataParallel over gloo;
   - ddp_bucket_view: with `gradient_as_bucket_view=True` (gradients live in the communication buckets, no copy);
-  - ddp_fp16_hook: gradients sent as fp16 (`fp16_compress_hook`), half the bytes.
+  - ddp_fp16_hook: gradients sent as fp16 (`fp16_compress_hook`), half the bytes;
+  - average_every_N (`--average_every N,...`): local SGD, no gradient exchange, the models averaged every N steps
+    (`train_one_epoch(average_every=N)`, the pipeline's `average_every`).
 `--pin` pins process k to core k (the processes otherwise go where the scheduler puts them, as under torchrun).
-Prints a progress line per variant and a Markdown table; `--output FILE.json` keeps the figures.
+`--rounds N` times every variant N times, alternating, and reports medians (a shared host's speed drifts by tens of
+per cent over minutes). Prints a progress line per measurement and a Markdown table, the first variant the
+reference; `--output FILE.json` keeps every figure.
 
 Usage:
     OMP_NUM_THREADS=1 .venv/bin/python bench/data_parallel.py --processes 2 --output data_parallel.json
+    OMP_NUM_THREADS=1 .venv/bin/python bench/data_parallel.py --variants ddp --average_every 4,16 --rounds 5
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 
 import torch
 import torch.distributed as dist
@@ -38,7 +44,7 @@ CPU = torch.device("cpu")
 
 
 def _parallel(model: torch.nn.Module, variant: str) -> torch.nn.Module:
-    if variant == "independent":
+    if variant == "independent" or variant.startswith("average_every_"):
         return model
     if variant == "ddp":
         return distributed.wrap(model, CPU)
@@ -58,7 +64,13 @@ def images_per_second(variant: str, batch_size: int, steps: int, warmup: int) ->
     labels = torch.randint(0, 2, (batch_size * steps,), generator=generator)
     train = TrainConfig()
     optimizer, scheduler = one_cycle_adamw(model, train.lr, train.weight_decay, 1, warmup + steps)
-    settings = {"grad_clip_norm": train.grad_clip_norm, "generator": generator, "device": CPU}
+    average_every = int(variant.removeprefix("average_every_")) if variant.startswith("average_every_") else 0
+    settings = {
+        "grad_clip_norm": train.grad_clip_norm,
+        "generator": generator,
+        "device": CPU,
+        "average_every": average_every,
+    }
     order = torch.randperm(len(images), generator=generator)
     train_one_epoch(model, images, labels, order[: batch_size * warmup], optimizer, scheduler, batch_size, **settings)
     return train_one_epoch(model, images, labels, order, optimizer, scheduler, batch_size, **settings)[
@@ -67,7 +79,16 @@ def images_per_second(variant: str, batch_size: int, steps: int, warmup: int) ->
 
 
 def _worker(
-    rank: int, processes: int, port: int, pin: bool, batch_size: int, steps: int, warmup: int, output: str
+    rank: int,
+    processes: int,
+    port: int,
+    variants: list[str],
+    rounds: int,
+    pin: bool,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    output: str,
 ) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(processes))
     if pin:
@@ -76,15 +97,22 @@ def _worker(
     keep_freed_memory_for_reuse()
     dist.init_process_group("gloo")
     try:
-        results = {}
-        for variant in VARIANTS:
-            results[variant] = images_per_second(variant, batch_size, steps, warmup)
-            if rank == 0:
-                print(f"[bench] {variant}: {results[variant]:.0f} img/s in all", flush=True)
+        results: dict[str, list[float]] = {variant: [] for variant in variants}
+        # Variants alternate round by round, so that a shared host's drifting speed hits them all alike.
+        for round_index in range(rounds):
+            for variant in variants:
+                results[variant].append(images_per_second(variant, batch_size, steps, warmup))
+                if rank == 0:
+                    speed = results[variant][-1]
+                    print(f"[bench] round {round_index + 1}/{rounds} {variant}: {speed:.0f} img/s in all", flush=True)
         if rank == 0:
-            print("\n| variant | images/s, all processes | vs independent |\n|---|---|---|")
-            for variant, value in results.items():
-                print(f"| {variant} | {value:.0f} | {value / results['independent']:.2f}x |")
+            medians = {variant: statistics.median(values) for variant, values in results.items()}
+            reference = medians[variants[0]]
+            print(f"\n| variant | images/s, all processes (median of {rounds}) | range | vs {variants[0]} |")
+            print("|---|---|---|---|")
+            for variant, values in results.items():
+                span = f"{min(values):.0f}-{max(values):.0f}"
+                print(f"| {variant} | {medians[variant]:.0f} | {span} | {medians[variant] / reference:.2f}x |")
             if output:
                 with open(output, "w") as handle:
                     json.dump({"processes": processes, "batch_size": batch_size, "images_per_second": results}, handle)
@@ -99,15 +127,27 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--pin", action="store_true", help="pin process k to core k")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from " + ",".join(VARIANTS))
+    parser.add_argument("--average_every", default="", help="also time local SGD at these periods, e.g. 1,4,16")
+    parser.add_argument("--rounds", type=int, default=1, help="times each variant, alternating; medians reported")
     parser.add_argument("--output", default="", help="write the figures to this JSON file")
     arguments = parser.parse_args()
+    periods = [int(period) for period in arguments.average_every.split(",") if period]
+    unknown = set(arguments.variants.split(",")) - set(VARIANTS) - {""}
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}: choose from {', '.join(VARIANTS)}")
+    variants = [*filter(None, arguments.variants.split(",")), *(f"average_every_{period}" for period in periods)]
     print(
         f"[bench] {arguments.processes} processes of 1 thread, batch {arguments.batch_size} each, "
         f"{'pinned' if arguments.pin else 'not pinned'}",
         flush=True,
     )
     settings = (arguments.pin, arguments.batch_size, arguments.steps, arguments.warmup, arguments.output)
-    mp.spawn(_worker, args=(arguments.processes, free_port(), *settings), nprocs=arguments.processes)
+    mp.spawn(
+        _worker,
+        args=(arguments.processes, free_port(), variants, arguments.rounds, *settings),
+        nprocs=arguments.processes,
+    )
 
 
 if __name__ == "__main__":
