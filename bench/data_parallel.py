@@ -7,9 +7,7 @@ pipeline keeps it. Variants, each timed over `--steps` steps after `--warmup` st
   - independent: no gradient exchange at all (the processes train separate models), the ceiling;
   - ddp: `distributed.wrap`, the pipeline's DistributedDataParallel over gloo;
   - ddp_bucket_view: with `gradient_as_bucket_view=True` (gradients live in the communication buckets, no copy);
-  - ddp_fp16_hook: gradients sent as fp16 (`fp16_compress_hook`), half the bytes;
-  - average_every_N (`--average_every N,...`): local SGD, no gradient exchange, the models averaged every N steps
-    (`train_one_epoch(average_every=N)`, the pipeline's `average_every`).
+  - ddp_fp16_hook: gradients sent as fp16 (`fp16_compress_hook`), half the bytes.
 `--pin` pins process k to core k (the processes otherwise go where the scheduler puts them, as under torchrun).
 `--rounds N` times every variant N times, alternating, and reports medians (a shared host's speed drifts by tens of
 per cent over minutes). Prints a progress line per measurement and a Markdown table, the first variant the
@@ -17,7 +15,7 @@ reference; `--output FILE.json` keeps every figure.
 
 Usage:
     OMP_NUM_THREADS=1 .venv/bin/python bench/data_parallel.py --processes 2 --output data_parallel.json
-    OMP_NUM_THREADS=1 .venv/bin/python bench/data_parallel.py --variants ddp --average_every 4,16 --rounds 5
+    OMP_NUM_THREADS=1 .venv/bin/python bench/data_parallel.py --variants ddp,independent --rounds 4 --steps 48
 """
 
 from __future__ import annotations
@@ -44,7 +42,7 @@ CPU = torch.device("cpu")
 
 
 def _parallel(model: torch.nn.Module, variant: str) -> torch.nn.Module:
-    if variant == "independent" or variant.startswith("average_every_"):
+    if variant == "independent":
         return model
     if variant == "ddp":
         return distributed.wrap(model, CPU)
@@ -64,13 +62,7 @@ def images_per_second(variant: str, batch_size: int, steps: int, warmup: int) ->
     labels = torch.randint(0, 2, (batch_size * steps,), generator=generator)
     train = TrainConfig()
     optimizer, scheduler = one_cycle_adamw(model, train.lr, train.weight_decay, 1, warmup + steps)
-    average_every = int(variant.removeprefix("average_every_")) if variant.startswith("average_every_") else 0
-    settings = {
-        "grad_clip_norm": train.grad_clip_norm,
-        "generator": generator,
-        "device": CPU,
-        "average_every": average_every,
-    }
+    settings = {"grad_clip_norm": train.grad_clip_norm, "generator": generator, "device": CPU}
     order = torch.randperm(len(images), generator=generator)
     train_one_epoch(model, images, labels, order[: batch_size * warmup], optimizer, scheduler, batch_size, **settings)
     return train_one_epoch(model, images, labels, order, optimizer, scheduler, batch_size, **settings)[
@@ -128,15 +120,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--pin", action="store_true", help="pin process k to core k")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from " + ",".join(VARIANTS))
-    parser.add_argument("--average_every", default="", help="also time local SGD at these periods, e.g. 1,4,16")
     parser.add_argument("--rounds", type=int, default=1, help="times each variant, alternating; medians reported")
     parser.add_argument("--output", default="", help="write the figures to this JSON file")
     arguments = parser.parse_args()
-    periods = [int(period) for period in arguments.average_every.split(",") if period]
-    unknown = set(arguments.variants.split(",")) - set(VARIANTS) - {""}
-    if unknown:
-        parser.error(f"unknown variants {sorted(unknown)}: choose from {', '.join(VARIANTS)}")
-    variants = [*filter(None, arguments.variants.split(",")), *(f"average_every_{period}" for period in periods)]
+    variants = [variant for variant in arguments.variants.split(",") if variant]
+    if not variants or set(variants) - set(VARIANTS):
+        parser.error(f"--variants {arguments.variants!r}: choose one or more of {', '.join(VARIANTS)}")
     print(
         f"[bench] {arguments.processes} processes of 1 thread, batch {arguments.batch_size} each, "
         f"{'pinned' if arguments.pin else 'not pinned'}",

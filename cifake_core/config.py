@@ -84,13 +84,6 @@ class TrainConfig:
     grad_clip_norm: float = field(
         default=1.0, metadata=_help("largest gradient norm a step applies (larger ones scaled down); 0 = no clipping")
     )
-    average_every: int = field(
-        default=0,
-        metadata=_help(
-            "with several processes (torchrun): steps each process takes alone between averaging the models (local "
-            "SGD); 0 = average the gradients at every step (DistributedDataParallel)"
-        ),
-    )
     device: str = field(default="auto", metadata=_help("auto|cpu|cuda|cuda:N|mps"))
     num_workers: int = field(
         default=-1, metadata=_help("processes that decode images; 0 = in-process, -1 = one per available CPU core")
@@ -233,11 +226,6 @@ def _check(values: dict[str, Any]) -> None:
         ("weight_decay", 0.0 <= values["weight_decay"] < 1.0, "between 0 and 1"),
         ("label_smoothing", 0.0 <= values["label_smoothing"] <= 0.5, "between 0 and 0.5, e.g. 0.1"),
         ("grad_clip_norm", values["grad_clip_norm"] >= 0.0, "0 (no clipping) or a positive norm, e.g. 1.0"),
-        (
-            "average_every",
-            values["average_every"] >= 0,
-            "0 (gradients averaged every step) or a number of steps, e.g. 4",
-        ),
         ("device", bool(_DEVICE_PATTERN.match(values["device"])), "auto, cpu, cuda, cuda:N or mps"),
         ("num_workers", values["num_workers"] >= -1, "-1 (one per core), 0 (in-process) or a number of processes"),
         (

@@ -9,7 +9,6 @@ Usage (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT):
         sampler = epoch_sampler(len(train_images), seed=42)
         sampler.set_epoch(epoch)
         totals = all_reduce_sum(torch.tensor([loss_sum, seen]))
-        average_models(model)  # local SGD: processes that stepped alone agree again
         if is_main_process(): ...
 """
 
@@ -103,35 +102,16 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
-def average_models(model: torch.nn.Module) -> None:
-    """Replace `model`'s parameters and floating-point buffers in every process by their mean over the processes
-    (nothing when alone): how processes that each took optimiser steps alone (local SGD) agree again."""
-    if not dist.is_initialized():
-        return
-    tensors = [tensor for tensor in (*model.parameters(), *model.buffers()) if tensor.is_floating_point()]
-    with torch.no_grad():
-        # One exchange for the whole model: hundreds of small all-reduces would each pay the transport's latency.
-        flat = torch.cat([tensor.reshape(-1) for tensor in tensors]).to(_collective_device())
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat /= world_size()
-        offset = 0
-        for tensor in tensors:
-            # copy_ keeps each tensor's own memory layout (channels_last weights stay channels_last).
-            tensor.copy_(flat[offset : offset + tensor.numel()].view(tensor.shape))
-            offset += tensor.numel()
-
-
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def sync_from_main(model: torch.nn.Module) -> None:
-    """Give every process rank 0's parameters and buffers: before training, so that processes stepping alone
-    (local SGD) start alike, and after each epoch, so that all ranks evaluate the very model rank 0 saves (under
-    DDP each rank updated the BatchNorm running statistics with its own last batch)."""
+def sync_buffers(model: torch.nn.Module) -> None:
+    """Give every process rank 0's buffers (BatchNorm running statistics), which each rank has updated with its
+    own last batch, so that all ranks evaluate the very model rank 0 saves."""
     if dist.is_initialized():
-        for tensor in (*unwrap(model).parameters(), *unwrap(model).buffers()):
-            dist.broadcast(tensor.data, src=0)
+        for buffer in unwrap(model).buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def epoch_sampler(count: int, seed: int) -> DistributedSampler:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torchvision.transforms.v2.functional import gaussian_blur
 from tqdm.auto import tqdm
 
-from cifake_core.distributed import all_reduce_sum, average_models, gather_shards, shard_bounds
+from cifake_core.distributed import all_reduce_sum, gather_shards, shard_bounds
 from cifake_core.errors import DeviceError
 from cifake_core.metrics import binary_metrics
 
@@ -199,15 +199,12 @@ def train_one_epoch(
     augment: bool = False,
     label_smoothing: float = 0.0,
     grad_clip_norm: float = 0.0,
-    average_every: int = 0,
 ) -> dict[str, float]:
     """One pass over the training images at `order` (this process's share of the epoch, shuffled; see
     `distributed.epoch_sampler`): loss, accuracy, learning rate and speed, summed over all processes.
     `translate` > 0 adds a random shift of up to that many pixels (`random_translate`) to the random flip, `augment`
     the `degrade` augmentations; `train_loss` is the smoothed loss;
-    `grad_clip_norm` > 0 scales each step's gradients down to at most that norm.
-    `average_every` > 0 is local SGD, for a `model` not wrapped in DistributedDataParallel: each process steps alone
-    and the processes average their models (`distributed.average_models`) every that many steps and at the end."""
+    `grad_clip_norm` > 0 scales each step's gradients down to at most that norm."""
     model.train()
     started = time.perf_counter()
     order = torch.as_tensor(order, dtype=torch.long, device=images.device)
@@ -217,8 +214,7 @@ def train_one_epoch(
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
     memory_format = training_memory_format(device, batch_size)
-    starts = batch_starts(len(order), batch_size)
-    for step, start in enumerate(tqdm(starts, desc=description, unit="batch", leave=False, disable=None), start=1):
+    for start in tqdm(batch_starts(len(order), batch_size), desc=description, unit="batch", leave=False, disable=None):
         index = order[start : start + batch_size]
         batch = random_flip(images[index].to(device, non_blocking=True), generator)
         if translate:
@@ -234,8 +230,6 @@ def train_one_epoch(
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
         optimizer.step()
         scheduler.step()
-        if average_every and (step % average_every == 0 or step == len(starts)):
-            average_models(model)
         total_loss += loss.detach().double() * len(index)
         correct += (logits.argmax(1) == targets).sum()
         seen += len(index)

@@ -185,9 +185,7 @@ def _train_epochs(
     """The epoch loop, in every process; keeps the best epoch by val AUC in `checkpoint` (written by rank 0)
     and returns its metrics, with `model` holding its weights in every process."""
     model = model.to(memory_format=training_memory_format(device, train.batch_size))
-    distributed.sync_from_main(model)
-    # Local SGD (average_every > 0) trains the bare model in each process; otherwise DDP averages the gradients.
-    parallel_model = model if train.average_every else distributed.wrap(model, device)
+    parallel_model = distributed.wrap(model, device)
     sampler = distributed.epoch_sampler(len(splits["train"][0]), seed)
     steps_per_epoch = len(batch_starts(len(sampler), train.batch_size))
     optimizer, scheduler = one_cycle_adamw(parallel_model, train.lr, train.weight_decay, train.epochs, steps_per_epoch)
@@ -210,9 +208,8 @@ def _train_epochs(
             augment=train.augment == "true",
             label_smoothing=train.label_smoothing,
             grad_clip_norm=train.grad_clip_norm,
-            average_every=train.average_every,
         )
-        distributed.sync_from_main(model)
+        distributed.sync_buffers(model)
         metrics |= evaluate(model, *splits["val"], eval_batch_size(device), device, prefix="val")
         tracking.log_metrics(metrics, step=epoch)
         log.info(

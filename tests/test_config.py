@@ -39,7 +39,6 @@ def test_defaults_then_yaml_then_overrides(tmp_path: Path):
         ({"num_workers": "-2"}, "num_workers must be -1 .one per core., 0 .in-process. or a number"),
         ({"label_smoothing": "0.9"}, "label_smoothing must be between 0 and 0.5"),
         ({"grad_clip_norm": "-1"}, "grad_clip_norm must be 0 .no clipping. or a positive norm"),
-        ({"average_every": "-4"}, "average_every must be 0 .gradients averaged every step. or a number of steps"),
         ({"translate": "9"}, "translate must be between 0 and a quarter of image_size .8 pixels., got 9"),
         (
             {"translate": "-1", "image_size": "64"},

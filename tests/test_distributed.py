@@ -41,16 +41,7 @@ def _check_helpers(rank: int, port: int, results: dict) -> None:
         gathered = distributed.gather_shards(rows[start:stop] + 0.5, count)
         sampler = distributed.epoch_sampler(9, seed=3)
         sampler.set_epoch(1)
-        model = _conv_model(seed=rank)
-        distributed.average_models(model)
-        averaged = [tensor.clone() for tensor in model.state_dict().values()]
-        averaged_channels_last = model[0].weight.is_contiguous(memory_format=torch.channels_last)
-        model = _conv_model(seed=rank)
-        distributed.sync_from_main(model)
         results[rank] = {
-            "averaged": averaged,
-            "averaged_channels_last": averaged_channels_last,
-            "synced": [tensor.clone() for tensor in model.state_dict().values()],
             "bounds": (start, stop),
             "gathered": gathered.view(-1).tolist(),
             "sum": distributed.all_reduce_sum(torch.tensor([rank + 1.0])).item(),
@@ -60,37 +51,9 @@ def _check_helpers(rank: int, port: int, results: dict) -> None:
         dist.destroy_process_group()
 
 
-def _conv_model(seed: int) -> torch.nn.Module:
-    """A small model with channels_last weights and BatchNorm buffers that differ by `seed`."""
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
-    model[1].running_mean.uniform_()
-    model[1].num_batches_tracked += seed
-    return model.to(memory_format=torch.channels_last)
-
-
-@pytest.fixture(scope="module")
-def results() -> dict:
-    """What each process of a real 2-process gloo group got from the helpers, by rank."""
-    shared = mp.Manager().dict()
-    mp.spawn(_check_helpers, args=(free_port(), shared), nprocs=WORLD)
-    return dict(shared)
-
-
-def test_models_average_and_sync_from_rank_0_in_every_process(results: dict):
-    alone = [model.state_dict() for model in (_conv_model(seed=0), _conv_model(seed=1))]
-    for rank in range(WORLD):
-        assert results[rank]["averaged_channels_last"]
-        for index, (name, first) in enumerate(alone[0].items()):
-            second = alone[1][name]
-            if first.is_floating_point():  # parameters and running statistics: the mean of the two processes'
-                torch.testing.assert_close(results[rank]["averaged"][index], (first + second) / 2)
-            else:  # the step counter is not averaged
-                assert results[rank]["averaged"][index] == alone[0][name] + rank
-            torch.testing.assert_close(results[rank]["synced"][index], first)  # rank 0's, everything
-
-
-def test_shards_gather_in_order_sums_reduce_and_epoch_shares_are_disjoint(results: dict):
+def test_shards_gather_in_order_sums_reduce_and_epoch_shares_are_disjoint():
+    results = mp.Manager().dict()
+    mp.spawn(_check_helpers, args=(free_port(), results), nprocs=WORLD)
     assert results[0]["bounds"] == (0, 4) and results[1]["bounds"] == (4, 7)
     expected = [value * 10 + 0.5 for value in range(7)]
     assert results[0]["gathered"] == expected and results[1]["gathered"] == expected
@@ -109,22 +72,14 @@ def test_alone_the_helpers_are_the_identity():
     assert sorted(sampler) == list(range(5))  # one process keeps every sample, odd counts included
     model = torch.nn.Linear(2, 2)
     assert distributed.wrap(model, torch.device("cpu")) is model
-    weights = model.weight.clone()
-    distributed.average_models(model)
-    distributed.sync_from_main(model)
-    assert torch.equal(model.weight, weights)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("average_every", [0, 2], ids=["gradients_averaged", "local_sgd"])
-def test_torchrun_on_two_cpu_processes_logs_one_run_and_one_version(
-    tiny_demo: Path, tracking_store: str, tmp_path, average_every: int
-):
+def test_torchrun_on_two_cpu_processes_logs_one_run_and_one_version(tiny_demo: Path, tracking_store: str, tmp_path):
     env = child_environment(MLFLOW_TRACKING_URI=tracking_store, OMP_NUM_THREADS="1")
     torchrun = Path(sys.executable).with_name("torchrun")
     command = [str(torchrun), "--standalone", "--nproc_per_node", str(WORLD), "experiments/stage.py", "train"]
     flags = ["--data_dir", str(tiny_demo), "--epochs", "2", "--batch_size", "16", "--num_workers", "0"]
-    flags += ["--average_every", str(average_every)]
     done = subprocess.run(
         [*command, *flags, "--device", "cpu"], env=env, capture_output=True, text=True, timeout=900, check=False
     )
