@@ -126,6 +126,8 @@ def main() -> None:
     variants = [variant for variant in arguments.variants.split(",") if variant]
     if not variants or set(variants) - set(VARIANTS):
         parser.error(f"--variants {arguments.variants!r}: choose one or more of {', '.join(VARIANTS)}")
+    if arguments.rounds < 1:
+        parser.error(f"--rounds {arguments.rounds}: time each variant at least once (--rounds 1 or more)")
     print(
         f"[bench] {arguments.processes} processes of 1 thread, batch {arguments.batch_size} each, "
         f"{'pinned' if arguments.pin else 'not pinned'}",
