@@ -70,6 +70,13 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = field(default=8, metadata=_help("training epochs"))
+    coarse_epochs: int = field(
+        default=0,
+        metadata=_help(
+            "the first N epochs train with a stride-2 stem (at 32 px about 2x cheaper a step), the rest, among "
+            "which the kept epoch is picked, at stem_stride 1; 0 = none"
+        ),
+    )
     batch_size: int = field(
         default=0,
         metadata=_help(
@@ -217,6 +224,16 @@ def _check(values: dict[str, Any]) -> None:
         ("stem_stride", values["stem_stride"] in (1, 2), "1 or 2"),
         ("pretrained", values["pretrained"] in PRETRAINED_CHOICES, "one of " + "|".join(PRETRAINED_CHOICES)),
         ("epochs", values["epochs"] >= 1, "at least 1"),
+        (
+            "coarse_epochs",
+            0 <= values["coarse_epochs"] < values["epochs"],
+            f"between 0 and epochs - 1 ({values['epochs'] - 1}): the last epoch trains the exported stride-1 model",
+        ),
+        (
+            "coarse_epochs",
+            values["coarse_epochs"] == 0 or values["stem_stride"] == 1,
+            "0 with stem_stride=2 (coarse epochs train at stride 2 on the way to a stride-1 model)",
+        ),
         (
             "batch_size",
             values["batch_size"] == 0 or values["batch_size"] >= 2,

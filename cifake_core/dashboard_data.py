@@ -23,6 +23,7 @@ from cifake_core.tracking import PRODUCTION_ALIAS
 
 KEY_PARAMS = (
     "epochs",
+    "coarse_epochs",
     "batch_size",
     "lr",
     "weight_decay",

@@ -30,6 +30,8 @@ from cifake_core.network import host_reachable
 ARCHITECTURE = "mobilenetv3_large_100"
 # torchvision's initialisation of MobileNetV3's classifier: starting logits near 0 (loss ln 2).
 HEAD_INIT_STD = 0.01
+# The stride of MobileNetV3's first convolution as timm builds it (and ImageNet weights were trained with).
+TIMM_STEM_STRIDE = 2
 _HUB_HOST = "huggingface.co"
 log = logging.getLogger(__name__)
 
@@ -110,7 +112,8 @@ def _backbone(pretrained: str, pretrained_weights: str) -> tuple[torch.nn.Module
         return timm.create_model(ARCHITECTURE, pretrained=False, num_classes=len(CLASS_NAMES)), "random"
 
 
-def _set_stem_stride(backbone: torch.nn.Module, stem_stride: int) -> torch.nn.Module:
+def set_stem_stride(backbone: torch.nn.Module, stem_stride: int) -> torch.nn.Module:
+    """`backbone` with its first convolution's stride set to `stem_stride`, in place."""
     # At 32 px timm's stride-2 stem halves CIFAKE's pixels before any feature is learnt; stride 1 keeps the
     # weights' shapes (pretrained weights still load) and quadruples every later activation.
     backbone.conv_stem.stride = (stem_stride, stem_stride)
@@ -134,7 +137,7 @@ def create_model(
 ) -> tuple[ImageClassifier, str]:
     """The detector, and where its starting weights came from (`random`, `hub:...`, `file:...`)."""
     backbone, weights_source = _backbone(pretrained, pretrained_weights)
-    backbone = use_cpu_backward(_init_head(_set_stem_stride(backbone, stem_stride)))
+    backbone = use_cpu_backward(_init_head(set_stem_stride(backbone, stem_stride)))
     return ImageClassifier(backbone, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, flip_tta), weights_source
 
 
@@ -158,7 +161,7 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[Ima
     checkpoint = torch.load(path, map_location=device, weights_only=True)
     backbone = timm.create_model(checkpoint["architecture"], pretrained=False, num_classes=len(CLASS_NAMES))
     # Checkpoints written before `stem_stride` existed were trained with timm's stride 2.
-    backbone = _set_stem_stride(backbone, checkpoint["config"].get("stem_stride", 2))
+    backbone = set_stem_stride(backbone, checkpoint["config"].get("stem_stride", TIMM_STEM_STRIDE))
     # Checkpoints written before `flip_tta` existed were evaluated and exported without it.
     flip_tta = checkpoint["config"].get("flip_tta", "false") == "true"
     model = ImageClassifier(backbone, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, flip_tta)

@@ -57,7 +57,7 @@ from cifake_core.engine import (
 )
 from cifake_core.errors import DatasetError
 from cifake_core.metrics import binary_metrics, confusion, curves, threshold_report
-from cifake_core.models import create_model, save_checkpoint
+from cifake_core.models import TIMM_STEM_STRIDE, create_model, save_checkpoint, set_stem_stride
 from cifake_core.onnx_export import export_onnx
 from cifake_core.predict import load_scorer
 from cifake_core.pyfunc_model import INPUT_COLUMN
@@ -178,12 +178,14 @@ def _train_epochs(
     splits: dict[str, tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
     train: TrainConfig,
+    stem_stride: int,
     seed: int,
     checkpoint: Path,
     checkpoint_config: dict[str, Any],
 ) -> dict[str, float]:
-    """The epoch loop, in every process; keeps the best epoch by val AUC in `checkpoint` (written by rank 0)
-    and returns its metrics, with `model` holding its weights in every process."""
+    """The epoch loop, in every process; keeps the best epoch at `stem_stride` by val AUC in `checkpoint` (written
+    by rank 0) and returns its metrics, with `model` holding its weights in every process. The first
+    `train.coarse_epochs` epochs train (and are validated) with a stride-2 stem."""
     model = model.to(memory_format=training_memory_format(device, train.batch_size))
     parallel_model = distributed.wrap(model, device)
     sampler = distributed.epoch_sampler(len(splits["train"][0]), seed)
@@ -194,6 +196,9 @@ def _train_epochs(
     best: dict[str, float] = {"val_auc": -1.0}
     for epoch in range(1, train.epochs + 1):
         sampler.set_epoch(epoch)
+        coarse = epoch <= train.coarse_epochs
+        # The stride changes no weight's shape, so the coarse epochs' weights carry on at the fine stride.
+        set_stem_stride(model.backbone, TIMM_STEM_STRIDE if coarse else stem_stride)
         metrics = train_one_epoch(
             parallel_model,
             *splits["train"],
@@ -213,9 +218,10 @@ def _train_epochs(
         metrics |= evaluate(model, *splits["val"], eval_batch_size(device), device, prefix="val")
         tracking.log_metrics(metrics, step=epoch)
         log.info(
-            "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_auc %.4f  val_f1 %.4f  %.0f img/s  %.0f s",
+            "epoch %d/%d%s  train_loss %.4f  val_loss %.4f  val_auc %.4f  val_f1 %.4f  %.0f img/s  %.0f s",
             epoch,
             train.epochs,
+            f" (stem stride {TIMM_STEM_STRIDE})" if coarse else "",
             metrics["train_loss"],
             metrics["val_loss"],
             metrics["val_auc"],
@@ -223,7 +229,8 @@ def _train_epochs(
             metrics["images_per_second"],
             metrics["epoch_seconds"],
         )
-        if metrics["val_auc"] > best["val_auc"]:
+        # A coarse epoch is never kept: the model is exported, and was configured, at `stem_stride`.
+        if not coarse and metrics["val_auc"] > best["val_auc"]:
             best = {**metrics, "epoch": float(epoch)}
             best_weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
             if distributed.is_main_process():
@@ -409,7 +416,14 @@ def _train(config: RunConfig, device: torch.device) -> TrainingResult | None:
         tracking.set_tags({"cifake.weights_source": weights_source, "cifake.device": str(device)})
         checkpoint = work / "best.pt"
         best = _train_epochs(
-            model.to(device), splits, device, config.train, config.data.seed, checkpoint, config.flat()
+            model.to(device),
+            splits,
+            device,
+            config.train,
+            config.model.stem_stride,
+            config.data.seed,
+            checkpoint,
+            config.flat(),
         )
         val_labels, val_logits = _logits(model, splits["val"], device)
         test_labels, test_logits = _logits(model, splits["test"], device)

@@ -1,6 +1,7 @@
 """The premises of the benchmarks: bench/memory.py's repeated dataset survives deduplication with the original's
 pixels; bench/first_steps.py's two heads start where it says; bench/flip_tta.py scores with the model's
-flip averaging off and on; bench/depthwise.py times each depthwise layer at the input it gets in training."""
+flip averaging off and on; bench/depthwise.py times each depthwise layer at the input it gets in training;
+bench/muon.py orthogonalises the channel-mixing convolutions' updates and leaves the rest to AdamW."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 
 from cifake_core.config import TrainConfig
 from cifake_core.data import load_split_arrays, prepare_splits
-from cifake_core.models import ImageClassifier
+from cifake_core.models import ImageClassifier, create_model
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -101,3 +102,32 @@ def test_depthwise_bench_records_each_layers_training_input(stem_stride: int, la
     assert len(layers) == 15
     assert layers[0][1] == (3, 16, 32 // stem_stride, 32 // stem_stride)
     assert layers[-1][1] == (3, 960, last_side, last_side)
+
+
+def test_muon_orthogonalises_an_update_whatever_its_shape() -> None:
+    orthogonalised = _bench_module("muon").orthogonalised
+    for shape in [(64, 32), (32, 288), (160, 960)]:
+        # Singular values spread from 0.1 to 1: left vectors x diag x right vectors.
+        generator = torch.Generator().manual_seed(0)
+        left, right = (torch.linalg.qr(torch.randn(side, min(shape), generator=generator))[0] for side in shape)
+        update = left @ torch.diag(torch.logspace(-1, 0, min(shape))) @ right.T
+        after = torch.linalg.svdvals(orthogonalised(update))
+        assert 0.6 < after.min() and after.max() < 1.3, shape
+
+
+def test_muon_takes_the_channel_mixing_convolutions_and_adamw_the_rest() -> None:
+    muon = _bench_module("muon")
+    model, _ = create_model("false", "", stem_stride=1)
+    optimizer = muon.MuonAdamW(model, lr=0.004, weight_decay=0.05)
+    by_muon = {id(parameter) for parameter in optimizer.param_groups[0]["params"]}
+    taken = {name for name, parameter in model.named_parameters() if id(parameter) in by_muon}
+    assert "backbone.blocks.1.0.conv_pw.weight" in taken and "backbone.blocks.5.2.se.conv_reduce.weight" in taken
+    for name in taken:
+        assert name.endswith("weight") and "conv_dw" not in name and "bn" not in name, name
+    kept = {name for name, _ in model.named_parameters()} - taken
+    assert {"backbone.conv_stem.weight", "backbone.conv_head.weight", "backbone.classifier.weight"} <= kept
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    before = {name: parameter.clone() for name, parameter in model.named_parameters()}
+    torch.nn.functional.cross_entropy(model(images), torch.tensor([0, 1, 0, 1])).backward()
+    optimizer.step()
+    assert all(not torch.equal(before[name], parameter) for name, parameter in model.named_parameters())

@@ -192,15 +192,32 @@ def test_a_failing_run_ends_failed_and_registers_nothing(tiny_demo: Path, tracki
 @pytest.mark.slow
 def test_the_epoch_gets_the_configured_training_settings(tiny_demo: Path, tracking_store: str, monkeypatch):
     """batch_size=0 trains and logs the size this device gets; label_smoothing, grad_clip_norm and translate reach
-    the epoch; the one-cycle schedule counts the steps the epoch makes."""
+    the epoch, a coarse epoch trains at a stride-2 stem; the one-cycle schedule counts the steps the epochs make."""
     calls = []
 
     def first_epoch(model, images, labels, order, optimizer, scheduler, batch_size, *args, **kwargs):
-        calls.append({"batch_size": batch_size, "images": len(order), "schedule": scheduler.total_steps, **kwargs})
+        stem_stride = getattr(model, "module", model).backbone.conv_stem.stride
+        calls.append(
+            {
+                "batch_size": batch_size,
+                "images": len(order),
+                "schedule": scheduler.total_steps,
+                "stem_stride": stem_stride,
+                **kwargs,
+            }
+        )
         raise RuntimeError("stopped at the first epoch")
 
     monkeypatch.setattr(pipeline, "train_one_epoch", first_epoch)
-    settings = {"batch_size": "0", "device": "cpu", "label_smoothing": "0.1", "grad_clip_norm": "2.5", "translate": "2"}
+    settings = {
+        "batch_size": "0",
+        "device": "cpu",
+        "label_smoothing": "0.1",
+        "grad_clip_norm": "2.5",
+        "translate": "2",
+        "epochs": "2",
+        "coarse_epochs": "1",
+    }
     with pytest.raises(RuntimeError, match="stopped at the first epoch"):
         pipeline.train(_config(tiny_demo, **settings))
     (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("cifake").experiment_id])
@@ -212,21 +229,35 @@ def test_the_epoch_gets_the_configured_training_settings(tiny_demo: Path, tracki
         2.5,
         2,
     )
-    assert call["schedule"] == 1
+    assert call["stem_stride"] == (2, 2)
+    assert call["schedule"] == 2  # two epochs of one step each
     # One image more than a batch: the lone trailing image makes no step, so the schedule counts one step.
     with pytest.raises(RuntimeError, match="stopped at the first epoch"):
         pipeline.train(_config(tiny_demo, batch_size=str(call["images"] - 1), device="cpu"))
     assert calls[-1]["schedule"] == 1
 
 
+def _train_epochs_on_noise(tmp_path: Path, monkeypatch, val_aucs: list[float], train: TrainConfig, stem_stride: int):
+    """`pipeline._train_epochs` on 8 random images, the epochs scored `val_aucs` in turn: the model, the kept
+    epoch's metrics and the checkpoint's path."""
+    scores = iter(val_aucs)
+    monkeypatch.setattr(
+        pipeline, "evaluate", lambda *args, **kwargs: {"val_auc": next(scores), "val_loss": 0.5, "val_f1": 0.5}
+    )
+    monkeypatch.setattr(pipeline.tracking, "log_metrics", lambda *args, **kwargs: None)
+    model, _ = create_model("false", "", stem_stride=stem_stride)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1] * 4)
+    checkpoint = tmp_path / "best.pt"
+    splits = {"train": (images, labels), "val": (images, labels)}
+    config = {"stem_stride": stem_stride}
+    best = pipeline._train_epochs(model, splits, torch.device("cpu"), train, stem_stride, 0, checkpoint, config)
+    return model, best, checkpoint
+
+
 def test_the_epoch_loop_ends_holding_the_best_epochs_weights(tmp_path: Path, monkeypatch):
     """Val and test are scored after training with the model in memory: it must be the checkpointed best epoch,
     here the first, not the last."""
-    val_aucs = iter([0.9, 0.5])
-    monkeypatch.setattr(
-        pipeline, "evaluate", lambda *args, **kwargs: {"val_auc": next(val_aucs), "val_loss": 0.5, "val_f1": 0.5}
-    )
-    monkeypatch.setattr(pipeline.tracking, "log_metrics", lambda *args, **kwargs: None)
     weights_after_each_epoch = []
 
     def recorded_epoch(model, *args, **kwargs):
@@ -236,26 +267,34 @@ def test_the_epoch_loop_ends_holding_the_best_epochs_weights(tmp_path: Path, mon
 
     real_epoch = pipeline.train_one_epoch
     monkeypatch.setattr(pipeline, "train_one_epoch", recorded_epoch)
-    model, _ = create_model("false", "", stem_stride=2)
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=generator)
-    labels = torch.tensor([0, 1] * 4)
-    checkpoint = tmp_path / "best.pt"
-    best = pipeline._train_epochs(
-        model,
-        {"train": (images, labels), "val": (images, labels)},
-        torch.device("cpu"),
-        TrainConfig(epochs=2, batch_size=4, device="cpu", num_workers=0),
-        0,
-        checkpoint,
-        {"stem_stride": 2},
-    )
+    train = TrainConfig(epochs=2, batch_size=4, device="cpu", num_workers=0)
+    model, best, checkpoint = _train_epochs_on_noise(tmp_path, monkeypatch, [0.9, 0.5], train, stem_stride=2)
     assert best["epoch"] == 1 and len(weights_after_each_epoch) == 2
     first, last = weights_after_each_epoch
     saved = load_checkpoint(checkpoint)[0].state_dict()
     assert not torch.equal(first["backbone.conv_head.weight"], last["backbone.conv_head.weight"])
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, first[name]) and torch.equal(tensor, saved[name]), name
+
+
+def test_coarse_epochs_train_at_stride_2_and_are_never_the_kept_epoch(tmp_path: Path, monkeypatch):
+    """coarse_epochs=2 of 3: two epochs at a stride-2 stem, then one at stride 1. The stride-1 epoch is kept though
+    the coarse ones scored higher (the model is exported at stride 1), and the model ends at stride 1."""
+    strides = []
+
+    def recorded_epoch(model, *args, **kwargs):
+        strides.append(model.backbone.conv_stem.stride)
+        return real_epoch(model, *args, **kwargs)
+
+    real_epoch = pipeline.train_one_epoch
+    monkeypatch.setattr(pipeline, "train_one_epoch", recorded_epoch)
+    train = TrainConfig(epochs=3, coarse_epochs=2, batch_size=4, device="cpu", num_workers=0)
+    model, best, checkpoint = _train_epochs_on_noise(tmp_path, monkeypatch, [0.99, 0.98, 0.5], train, stem_stride=1)
+    assert strides == [(2, 2), (2, 2), (1, 1)]
+    assert best["epoch"] == 3 and best["val_auc"] == 0.5
+    assert model.backbone.conv_stem.stride == (1, 1)
+    restored, metadata = load_checkpoint(checkpoint)
+    assert metadata["epoch"] == 3 and restored.backbone.conv_stem.stride == (1, 1)
 
 
 @pytest.mark.slow
