@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from cifake_core import pipeline  # noqa: E402
 from cifake_core.cli import main  # noqa: E402
+from cifake_core.engine import one_cycle_schedule  # noqa: E402
 
 # Keller Jordan's quintic iteration: its slope at 0 is pushed high so that 5 steps suffice.
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -91,12 +92,9 @@ class MuonAdamW(torch.optim.Optimizer):
 def one_cycle_muon(
     model: torch.nn.Module, lr: float, weight_decay: float, epochs: int, steps_per_epoch: int
 ) -> tuple[MuonAdamW, torch.optim.lr_scheduler.OneCycleLR]:
-    """`engine.one_cycle_adamw`'s schedule over `MuonAdamW`."""
+    """`engine.one_cycle_adamw` with `MuonAdamW` in AdamW's place."""
     optimizer = MuonAdamW(model, lr, weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch
-    )
-    return optimizer, scheduler
+    return optimizer, one_cycle_schedule(optimizer, lr, epochs, steps_per_epoch)
 
 
 if __name__ == "__main__":

@@ -95,16 +95,20 @@ def to_device_tensors(
     return torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
 
 
+def one_cycle_schedule(
+    optimizer: torch.optim.Optimizer, lr: float, epochs: int, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.OneCycleLR:
+    """The recipe's schedule: the learning rate warming up to `lr` and annealing over `epochs` x `steps_per_epoch`
+    steps (one `scheduler.step()` per optimiser step)."""
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch)
+
+
 def one_cycle_adamw(
     model: torch.nn.Module, lr: float, weight_decay: float, epochs: int, steps_per_epoch: int
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.OneCycleLR]:
-    """The recipe's optimiser and schedule: AdamW, its learning rate warming up to `lr` and annealing over
-    `epochs` x `steps_per_epoch` steps (one `scheduler.step()` per optimiser step)."""
+    """The recipe's optimiser and schedule: AdamW under `one_cycle_schedule`."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch
-    )
-    return optimizer, scheduler
+    return optimizer, one_cycle_schedule(optimizer, lr, epochs, steps_per_epoch)
 
 
 def batch_starts(count: int, batch_size: int) -> range:
