@@ -77,6 +77,13 @@ class TrainConfig:
             "which the kept epoch is picked, at stem_stride 1; 0 = none"
         ),
     )
+    select_fraction: float = field(
+        default=1.0,
+        metadata=_help(
+            "each epoch after the first trains on this fraction of the training images, those with the highest "
+            "last loss most likely (selective backprop), at that fraction of the epoch's cost; 1 = all"
+        ),
+    )
     batch_size: int = field(
         default=0,
         metadata=_help(
@@ -234,6 +241,7 @@ def _check(values: dict[str, Any]) -> None:
             values["coarse_epochs"] == 0 or values["stem_stride"] == 1,
             "0 with stem_stride=2 (coarse epochs train at stride 2 on the way to a stride-1 model)",
         ),
+        ("select_fraction", 0.0 < values["select_fraction"] <= 1.0, "a fraction above 0 and at most 1, e.g. 0.5"),
         (
             "batch_size",
             values["batch_size"] == 0 or values["batch_size"] >= 2,

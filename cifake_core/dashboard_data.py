@@ -24,6 +24,7 @@ from cifake_core.tracking import PRODUCTION_ALIAS
 KEY_PARAMS = (
     "epochs",
     "coarse_epochs",
+    "select_fraction",
     "batch_size",
     "lr",
     "weight_decay",

@@ -111,6 +111,17 @@ def one_cycle_adamw(
     return optimizer, one_cycle_schedule(optimizer, lr, epochs, steps_per_epoch)
 
 
+def select_hard_examples(losses: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """The indices of `round(fraction * len(losses))` training images (at least one), drawn without replacement,
+    each weighted by the percentile of its last training loss raised to `1 / fraction - 1`: Selective Backprop's
+    rule (Jiang et al., 2019), so the hardest images are nearly always drawn and the easiest still sometimes,
+    which refreshes their stale losses. `losses` and `generator` on the CPU."""
+    count = len(losses)
+    percentile = (torch.argsort(torch.argsort(losses)) + 1).double() / count
+    weights = percentile ** (1 / fraction - 1)
+    return torch.multinomial(weights, max(1, round(fraction * count)), replacement=False, generator=generator)
+
+
 def batch_starts(count: int, batch_size: int) -> range:
     """Where each training batch of an epoch of `count` images starts: one optimiser step each."""
     # A lone trailing image is left out: BatchNorm cannot train on a batch of one (at 32 px the last stage is 1x1).
@@ -203,12 +214,14 @@ def train_one_epoch(
     augment: bool = False,
     label_smoothing: float = 0.0,
     grad_clip_norm: float = 0.0,
+    sample_losses: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """One pass over the training images at `order` (this process's share of the epoch, shuffled; see
     `distributed.epoch_sampler`): loss, accuracy, learning rate and speed, summed over all processes.
     `translate` > 0 adds a random shift of up to that many pixels (`random_translate`) to the random flip, `augment`
     the `degrade` augmentations; `train_loss` is the smoothed loss;
-    `grad_clip_norm` > 0 scales each step's gradients down to at most that norm."""
+    `grad_clip_norm` > 0 scales each step's gradients down to at most that norm; `sample_losses`, a tensor
+    on `device` with one entry per training image, gets each trained image's loss at its index."""
     model.train()
     started = time.perf_counter()
     order = torch.as_tensor(order, dtype=torch.long, device=images.device)
@@ -227,7 +240,10 @@ def train_one_epoch(
             batch = degrade(batch, generator)
         targets = labels[index].to(device, non_blocking=True)
         logits = model(batch.contiguous(memory_format=memory_format))
-        loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+        losses = F.cross_entropy(logits, targets, label_smoothing=label_smoothing, reduction="none")
+        if sample_losses is not None:
+            sample_losses[index.to(device, non_blocking=True)] = losses.detach()
+        loss = losses.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip_norm:

@@ -50,6 +50,7 @@ from cifake_core.engine import (
     predict_logits,
     prob_ai,
     resolve_device,
+    select_hard_examples,
     sharded_logits,
     to_device_tensors,
     train_one_epoch,
@@ -185,24 +186,38 @@ def _train_epochs(
 ) -> dict[str, float]:
     """The epoch loop, in every process; keeps the best epoch at `stem_stride` by val AUC in `checkpoint` (written
     by rank 0) and returns its metrics, with `model` holding its weights in every process. The first
-    `train.coarse_epochs` epochs train (and are validated) with a stride-2 stem."""
+    `train.coarse_epochs` epochs train (and are validated) with a stride-2 stem. With `train.select_fraction` < 1,
+    every epoch after the first trains on that share of the images, drawn by the losses they last trained with."""
     model = model.to(memory_format=training_memory_format(device, train.batch_size))
     parallel_model = distributed.wrap(model, device)
-    sampler = distributed.epoch_sampler(len(splits["train"][0]), seed)
-    steps_per_epoch = len(batch_starts(len(sampler), train.batch_size))
-    optimizer, scheduler = one_cycle_adamw(parallel_model, train.lr, train.weight_decay, train.epochs, steps_per_epoch)
-    # Each process draws its own flips and augmentations.
+    count = len(splits["train"][0])
+    selected = max(1, round(train.select_fraction * count))
+    first_steps, later_steps = (
+        len(batch_starts(len(distributed.epoch_sampler(n, seed)), train.batch_size)) for n in (count, selected)
+    )
+    optimizer, scheduler = one_cycle_adamw(
+        parallel_model, train.lr, train.weight_decay, 1, first_steps + (train.epochs - 1) * later_steps
+    )
+    # Each process draws its own flips and augmentations; all draw the same selection of hard examples.
     generator = torch.Generator().manual_seed(seed + distributed.rank())
+    selection_generator = torch.Generator().manual_seed(seed)
+    last_losses = torch.zeros(count)
     best: dict[str, float] = {"val_auc": -1.0}
     for epoch in range(1, train.epochs + 1):
+        pool = torch.arange(count)
+        if epoch > 1 and selected < count:
+            pool = select_hard_examples(last_losses, train.select_fraction, selection_generator)
+        sampler = distributed.epoch_sampler(len(pool), seed)
         sampler.set_epoch(epoch)
+        order = pool[list(sampler)]
+        epoch_losses = torch.zeros(count, device=device)
         coarse = epoch <= train.coarse_epochs
         # The stride changes no weight's shape, so the coarse epochs' weights carry on at the fine stride.
         set_stem_stride(model.backbone, TIMM_STEM_STRIDE if coarse else stem_stride)
         metrics = train_one_epoch(
             parallel_model,
             *splits["train"],
-            list(sampler),
+            order,
             optimizer,
             scheduler,
             train.batch_size,
@@ -213,7 +228,12 @@ def _train_epochs(
             augment=train.augment == "true",
             label_smoothing=train.label_smoothing,
             grad_clip_norm=train.grad_clip_norm,
+            sample_losses=epoch_losses,
         )
+        trained = torch.zeros(count)
+        trained[order[: len(batch_starts(len(order), train.batch_size)) * train.batch_size]] = 1.0
+        epoch_losses, trained = distributed.all_reduce_sum(torch.stack([epoch_losses.cpu(), trained]))
+        last_losses = torch.where(trained > 0, epoch_losses, last_losses)
         distributed.sync_buffers(model)
         metrics |= evaluate(model, *splits["val"], eval_batch_size(device), device, prefix="val")
         tracking.log_metrics(metrics, step=epoch)

@@ -38,6 +38,8 @@ def test_defaults_then_yaml_then_overrides(tmp_path: Path):
         ({"coarse_epochs": "8"}, "coarse_epochs must be between 0 and epochs - 1 .7.: the last epoch trains"),
         ({"coarse_epochs": "-1", "epochs": "3"}, "coarse_epochs must be between 0 and epochs - 1 .2."),
         ({"coarse_epochs": "2", "stem_stride": "2"}, "coarse_epochs must be 0 with stem_stride=2"),
+        ({"select_fraction": "0"}, "select_fraction must be a fraction above 0 and at most 1"),
+        ({"select_fraction": "1.5"}, "select_fraction must be a fraction above 0 and at most 1"),
         ({"batch_size": "1"}, "batch_size must be 0 .auto. or at least 2"),
         ({"num_workers": "-2"}, "num_workers must be -1 .one per core., 0 .in-process. or a number"),
         ({"label_smoothing": "0.9"}, "label_smoothing must be between 0 and 0.5"),

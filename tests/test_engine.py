@@ -1,4 +1,5 @@
-"""Settings of the training step by device: `engine.keep_freed_memory_for_reuse`, `engine.training_memory_format`."""
+"""Settings of the training step by device (`engine.keep_freed_memory_for_reuse`, `engine.training_memory_format`)
+and the choice of hard examples (`engine.select_hard_examples`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from cifake_core.engine import GPU_CHANNELS_LAST_MIN_BATCH, training_memory_format
+from cifake_core.engine import GPU_CHANNELS_LAST_MIN_BATCH, select_hard_examples, training_memory_format
 
 # Counts the page faults of allocating and filling a 64 MB tensor 20 times, as a training step does with its
 # activations, in a fresh process (the setting is process-wide), with the setting when argv[1] is "keep". The
@@ -56,3 +57,15 @@ def test_training_lies_channels_last_on_a_cpu_and_on_a_gpu_only_at_large_batches
     assert training_memory_format(cpu, 16) == training_memory_format(cpu, 4096) == torch.channels_last
     assert training_memory_format(gpu, 256) == torch.contiguous_format
     assert training_memory_format(gpu, GPU_CHANNELS_LAST_MIN_BATCH) == torch.channels_last
+
+
+def test_hard_examples_are_drawn_by_their_last_loss_and_easy_ones_still_sometimes():
+    losses = torch.rand(1000, generator=torch.Generator().manual_seed(1))
+    rank = torch.argsort(torch.argsort(losses))
+    picked = select_hard_examples(losses, 0.5, torch.Generator().manual_seed(0))
+    assert len(picked) == len(picked.unique()) == 500
+    hardest, easiest = (rank[picked] >= 900).sum(), (rank[picked] < 100).sum()
+    assert hardest >= 80 and 0 < easiest <= 10
+    everything = select_hard_examples(losses, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(everything.sort().values, torch.arange(1000))
+    assert len(select_hard_examples(losses, 1e-6, torch.Generator().manual_seed(0))) == 1

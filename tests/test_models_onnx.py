@@ -196,6 +196,43 @@ def test_label_smoothing_reaches_the_training_loss(random_model):
     assert float(expected) != pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)), rel=1e-3)
 
 
+def test_each_trained_images_loss_is_recorded_at_its_index(random_model):
+    """`sample_losses` gets the loss of every image the epoch trained on, at the image's index, and nothing else:
+    the stale losses from which later epochs draw their hard examples."""
+    from cifake_core.engine import train_one_epoch
+
+    model = copy.deepcopy(random_model).train()
+    half = torch.from_numpy(_batch(16, size=32)[..., :16])
+    images = torch.cat([half, half.flip(-1)], dim=-1)  # mirror-symmetric, so the random flip changes nothing
+    labels = torch.tensor([0, 1] * 8)
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(0))[:12]
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(
+            model(images[order].contiguous(memory_format=torch.channels_last)), labels[order], reduction="none"
+        )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+    sample_losses = torch.full((16,), -1.0)
+    generator = torch.Generator().manual_seed(0)
+    metrics = train_one_epoch(
+        model,
+        images,
+        labels,
+        order,
+        optimizer,
+        scheduler,
+        12,
+        torch.device("cpu"),
+        generator,
+        sample_losses=sample_losses,
+    )
+    torch.testing.assert_close(sample_losses[order], expected, rtol=1e-4, atol=1e-6)
+    untrained = torch.ones(16, dtype=torch.bool)
+    untrained[order] = False
+    assert torch.all(sample_losses[untrained] == -1.0)
+    assert metrics["train_loss"] == pytest.approx(float(expected.mean()), rel=1e-4)
+
+
 def test_grad_clip_norm_bounds_each_step(random_model):
     from cifake_core.engine import train_one_epoch
 
