@@ -1,10 +1,10 @@
 # The two commands of the README: `make demo` (install, then the main job on the embedded demo data) and
 # `make test` (install, then lint and every test). Both create .venv on first use and reinstall only when
-# pyproject.toml changes.
+# pyproject.toml changes. `make demo EPOCHS=2` overrides the default number of epochs.
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
-EPOCHS ?= 8
+EPOCHS ?=
 PYTEST_ARGS ?=
 
 .PHONY: install demo test ui
@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	PATH="$(BIN):$$PATH" $(BIN)/mlflow run . --env-manager local --experiment-name cifake -P epochs=$(EPOCHS)
+	PATH="$(BIN):$$PATH" $(BIN)/mlflow run . --env-manager local --experiment-name cifake $(if $(EPOCHS),-P epochs=$(EPOCHS))
 
 test: install
 	$(BIN)/ruff check .

@@ -69,7 +69,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = field(default=8, metadata=_help("training epochs"))
+    epochs: int = field(default=16, metadata=_help("training epochs"))
     coarse_epochs: int = field(
         default=0,
         metadata=_help(
@@ -78,7 +78,7 @@ class TrainConfig:
         ),
     )
     select_fraction: float = field(
-        default=1.0,
+        default=0.4,
         metadata=_help(
             "each epoch after the first trains on this fraction of the training images, those with the highest "
             "last loss most likely (selective backprop), at that fraction of the epoch's cost; 1 = all"
@@ -103,7 +103,7 @@ class TrainConfig:
         default=-1, metadata=_help("processes that decode images; 0 = in-process, -1 = one per available CPU core")
     )
     translate: int = field(
-        default=0,
+        default=2,
         metadata=_help(
             "largest random shift of a training image, in pixels along each axis (the uncovered border filled by "
             "reflection); 0 = none"

@@ -214,7 +214,7 @@ def test_the_epoch_gets_the_configured_training_settings(tiny_demo: Path, tracki
         "device": "cpu",
         "label_smoothing": "0.1",
         "grad_clip_norm": "2.5",
-        "translate": "2",
+        "translate": "3",
         "epochs": "2",
         "coarse_epochs": "1",
     }
@@ -227,7 +227,7 @@ def test_the_epoch_gets_the_configured_training_settings(tiny_demo: Path, tracki
         BATCH_SIZE,
         0.1,
         2.5,
-        2,
+        3,
     )
     assert call["stem_stride"] == (2, 2)
     assert call["schedule"] == 2  # two epochs of one step each
