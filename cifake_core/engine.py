@@ -96,30 +96,35 @@ def to_device_tensors(
 
 
 def one_cycle_schedule(
-    optimizer: torch.optim.Optimizer, lr: float, epochs: int, steps_per_epoch: int
+    optimizer: torch.optim.Optimizer, lr: float, total_steps: int
 ) -> torch.optim.lr_scheduler.OneCycleLR:
-    """The recipe's schedule: the learning rate warming up to `lr` and annealing over `epochs` x `steps_per_epoch`
-    steps (one `scheduler.step()` per optimiser step)."""
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch)
+    """The recipe's schedule: the learning rate warming up to `lr` and annealing over `total_steps` steps (one
+    `scheduler.step()` per optimiser step)."""
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps)
 
 
 def one_cycle_adamw(
-    model: torch.nn.Module, lr: float, weight_decay: float, epochs: int, steps_per_epoch: int
+    model: torch.nn.Module, lr: float, weight_decay: float, total_steps: int
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.OneCycleLR]:
     """The recipe's optimiser and schedule: AdamW under `one_cycle_schedule`."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    return optimizer, one_cycle_schedule(optimizer, lr, epochs, steps_per_epoch)
+    return optimizer, one_cycle_schedule(optimizer, lr, total_steps)
+
+
+def selected_count(count: int, fraction: float) -> int:
+    """How many of `count` training images an epoch with `select_fraction=fraction` trains on (at least one)."""
+    return max(1, round(fraction * count))
 
 
 def select_hard_examples(losses: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
-    """The indices of `round(fraction * len(losses))` training images (at least one), drawn without replacement,
-    each weighted by the percentile of its last training loss raised to `1 / fraction - 1`: Selective Backprop's
-    rule (Jiang et al., 2019), so the hardest images are nearly always drawn and the easiest still sometimes,
-    which refreshes their stale losses. `losses` and `generator` on the CPU."""
+    """The indices of `selected_count(len(losses), fraction)` training images, drawn without replacement, each
+    weighted by the percentile of its last training loss raised to `1 / fraction - 1`: Selective Backprop's rule
+    (Jiang et al., 2019), so the hardest images are nearly always drawn and the easiest still sometimes, which
+    refreshes their stale losses. `losses` and `generator` on the CPU."""
     count = len(losses)
     percentile = (torch.argsort(torch.argsort(losses)) + 1).double() / count
     weights = percentile ** (1 / fraction - 1)
-    return torch.multinomial(weights, max(1, round(fraction * count)), replacement=False, generator=generator)
+    return torch.multinomial(weights, selected_count(count, fraction), replacement=False, generator=generator)
 
 
 def batch_starts(count: int, batch_size: int) -> range:

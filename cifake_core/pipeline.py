@@ -51,6 +51,7 @@ from cifake_core.engine import (
     prob_ai,
     resolve_device,
     select_hard_examples,
+    selected_count,
     sharded_logits,
     to_device_tensors,
     train_one_epoch,
@@ -191,13 +192,12 @@ def _train_epochs(
     model = model.to(memory_format=training_memory_format(device, train.batch_size))
     parallel_model = distributed.wrap(model, device)
     count = len(splits["train"][0])
-    selected = max(1, round(train.select_fraction * count))
+    selected = selected_count(count, train.select_fraction)
     first_steps, later_steps = (
         len(batch_starts(len(distributed.epoch_sampler(n, seed)), train.batch_size)) for n in (count, selected)
     )
-    optimizer, scheduler = one_cycle_adamw(
-        parallel_model, train.lr, train.weight_decay, 1, first_steps + (train.epochs - 1) * later_steps
-    )
+    total_steps = first_steps + (train.epochs - 1) * later_steps
+    optimizer, scheduler = one_cycle_adamw(parallel_model, train.lr, train.weight_decay, total_steps)
     # Each process draws its own flips and augmentations; all draw the same selection of hard examples.
     generator = torch.Generator().manual_seed(seed + distributed.rank())
     selection_generator = torch.Generator().manual_seed(seed)

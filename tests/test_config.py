@@ -35,7 +35,7 @@ def test_defaults_then_yaml_then_overrides(tmp_path: Path):
         ({"val_fraction": "1.5"}, "val_fraction must be a fraction"),
         ({"pretrained": "maybe"}, "pretrained must be one of auto|true|false"),
         ({"stem_stride": "4"}, "stem_stride must be 1 or 2"),
-        ({"coarse_epochs": "8"}, "coarse_epochs must be between 0 and epochs - 1 .7.: the last epoch trains"),
+        ({"coarse_epochs": "16"}, "coarse_epochs must be between 0 and epochs - 1 .15.: the last epoch trains"),
         ({"coarse_epochs": "-1", "epochs": "3"}, "coarse_epochs must be between 0 and epochs - 1 .2."),
         ({"coarse_epochs": "2", "stem_stride": "2"}, "coarse_epochs must be 0 with stem_stride=2"),
         ({"select_fraction": "0"}, "select_fraction must be a fraction above 0 and at most 1"),
