@@ -299,23 +299,34 @@ def test_coarse_epochs_train_at_stride_2_and_are_never_the_kept_epoch(tmp_path: 
 
 def test_epochs_after_the_first_train_on_select_fraction_of_the_images(tmp_path: Path, monkeypatch):
     """select_fraction=0.5 on 8 images: the first epoch trains on all 8, each later one on 4 different images,
-    chosen from the losses the earlier epochs recorded; the one-cycle schedule spans exactly the steps taken
-    (OneCycleLR raises when stepped past its end) and ends annealed."""
-    orders, learning_rates = [], []
+    drawn from the latest loss of every image (an image left out keeps its older loss); the one-cycle schedule
+    spans exactly the steps taken (OneCycleLR raises when stepped past its end) and ends annealed."""
+    orders, learning_rates, losses_drawn_from = [], [], []
 
     def recorded_epoch(model, images, labels, order, *args, **kwargs):
         orders.append(order.tolist())
         assert torch.all(kwargs["sample_losses"] == 0)
         metrics = real_epoch(model, images, labels, order, *args, **kwargs)
         learning_rates.append(metrics["learning_rate"])
+        # Losses that say which epoch recorded them: 10 x epoch + the image's index.
+        kwargs["sample_losses"][order] = 10.0 * len(orders) + order.float()
         return metrics
 
-    real_epoch = pipeline.train_one_epoch
+    def recorded_selection(losses, fraction, generator):
+        losses_drawn_from.append(losses.clone())
+        return real_selection(losses, fraction, generator)
+
+    real_epoch, real_selection = pipeline.train_one_epoch, pipeline.select_hard_examples
     monkeypatch.setattr(pipeline, "train_one_epoch", recorded_epoch)
+    monkeypatch.setattr(pipeline, "select_hard_examples", recorded_selection)
     train = TrainConfig(epochs=3, select_fraction=0.5, batch_size=2, device="cpu", num_workers=0)
     _train_epochs_on_noise(tmp_path, monkeypatch, [0.5, 0.6, 0.7], train, stem_stride=2)
     assert sorted(orders[0]) == list(range(8))
     assert [len(set(order)) for order in orders] == [8, 4, 4]
+    images = torch.arange(8.0)
+    assert torch.equal(losses_drawn_from[0], 10.0 + images)
+    retrained = torch.isin(torch.arange(8), torch.tensor(orders[1]))
+    assert torch.equal(losses_drawn_from[1], torch.where(retrained, 20.0 + images, 10.0 + images))
     # 4 + 2 + 2 steps end at 0.08 lr; a schedule sized for 3 full epochs (12 steps) would stop at 0.28 lr.
     assert learning_rates[-1] < train.lr * 0.1
 
