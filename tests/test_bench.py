@@ -1,7 +1,8 @@
 """The premises of the benchmarks: bench/memory.py's repeated dataset survives deduplication with the original's
-pixels; bench/first_steps.py's two heads start where it says; bench/flip_tta.py scores with the model's
-flip averaging off and on; bench/depthwise.py times each depthwise layer at the input it gets in training;
-bench/muon.py orthogonalises the channel-mixing convolutions' updates and leaves the rest to AdamW."""
+pixels; bench/first_steps.py's two heads start where it says; bench/tta.py averages each image's logits over
+its mirror image and over shifts that match training's `translate`; bench/depthwise.py times each depthwise
+layer at the input it gets in training; bench/muon.py orthogonalises the channel-mixing convolutions' updates
+and leaves the rest to AdamW."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 
 from cifake_core.config import TrainConfig
 from cifake_core.data import load_split_arrays, prepare_splits
+from cifake_core.engine import random_translate
 from cifake_core.models import ImageClassifier, create_model
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -86,14 +88,26 @@ class _LeftMinusRight(torch.nn.Module):
         return torch.stack([torch.zeros_like(score), score], dim=1)
 
 
-def test_flip_tta_averages_each_image_with_its_mirror() -> None:
-    split_figures = _bench_module("flip_tta").split_figures
+def test_tta_averages_each_image_with_its_mirror() -> None:
+    split_figures = _bench_module("tta").split_figures
     images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     labels = (images[..., :4].float().mean((1, 2, 3)) > images[..., 4:].float().mean((1, 2, 3))).long()
-    model = ImageClassifier(_LeftMinusRight(), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)).eval()
-    figures = split_figures(model, images, labels, torch.device("cpu"))
-    assert figures["plain_auc"] == 1.0
-    assert figures["flip_auc"] == 0.5  # image and mirror cancel: every averaged logit is 0
+    model = ImageClassifier(_LeftMinusRight(), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), flip_tta=True).eval()
+    figures = split_figures(model, images, labels, torch.device("cpu"), max_shift=1)["sets"]
+    assert figures["plain"]["auc"] == 1.0
+    assert figures["flip"]["auc"] == 0.5  # image and mirror cancel: every averaged logit is 0
+    assert [figures[name]["views"] for name in ("plain", "flip", "shift1")] == [1, 2, 10]
+    assert model.flip_tta  # the model's own setting is back
+
+
+def test_tta_shifts_are_the_translations_training_draws() -> None:
+    tta = _bench_module("tta")
+    images = torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    translated = random_translate(images, 2, torch.Generator().manual_seed(2))
+    shifts = torch.randint(-2, 3, (32, 2), generator=torch.Generator().manual_seed(2))  # the draw random_translate made
+    assert shifts.abs().sum(1).gt(1).any()  # the draw includes diagonal and two-pixel shifts
+    for image, (dy, dx), expected in zip(images, shifts.tolist(), translated, strict=True):
+        torch.testing.assert_close(tta.shifted(image[None], dy, dx)[0], expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(("stem_stride", "last_side"), [(1, 2), (2, 1)])
