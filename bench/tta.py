@@ -23,14 +23,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cifake_core.config import DataConfig  # noqa: E402
 from cifake_core.data import array_cache_folder, load_split_arrays  # noqa: E402
-from cifake_core.engine import predict_logits, prob_ai, resolve_device, training_memory_format  # noqa: E402
+from cifake_core.engine import predict_logits, prob_ai, resolve_device, training_memory_format, translate  # noqa: E402
 from cifake_core.metrics import binary_metrics  # noqa: E402
 from cifake_core.models import ImageClassifier, load_checkpoint  # noqa: E402
 from cifake_core.pipeline import eval_batch_size, prepare, resolve_dataset  # noqa: E402
@@ -39,14 +38,9 @@ View = tuple[int, int, bool]  # (dy, dx, mirrored)
 
 
 def shifted(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """Each image moved so that pixel (i, j) shows the original's (i + dy, j + dx), the border reflected:
-    `engine.random_translate` with the shift fixed."""
-    margin = max(abs(dy), abs(dx))
-    if margin == 0:
-        return images
-    height, width = images.shape[-2:]
-    padded = F.pad(images.float(), (margin,) * 4, mode="reflect").to(images.dtype)
-    return padded[..., margin + dy : margin + dy + height, margin + dx : margin + dx + width]
+    """Each image moved so that pixel (i, j) shows the original's (i + dy, j + dx): `engine.random_translate`'s
+    shift, reflected border included, fixed for every image."""
+    return translate(images, torch.tensor([dy, dx]).expand(len(images), 2))
 
 
 def view_sets(max_shift: int) -> dict[str, list[View]]:

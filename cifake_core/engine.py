@@ -156,10 +156,14 @@ def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
 def random_translate(batch: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
     """Each image shifted by up to `max_shift` pixels along each axis (drawn per image from `generator`), the
     uncovered border filled by reflecting the image; the result is channels_last."""
+    shifts = torch.randint(-max_shift, max_shift + 1, (len(batch), 2), generator=generator)
+    return translate(batch, to_device_without_waiting(shifts, batch.device))
+
+
+def translate(batch: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Image k moved so that pixel (i, j) shows the original's (i + shifts[k, 0], j + shifts[k, 1]), the uncovered
+    border filled by reflecting the image; `shifts` (count, 2) on the batch's device; the result is channels_last."""
     count, _, height, width = batch.shape
-    shifts = to_device_without_waiting(
-        torch.randint(-max_shift, max_shift + 1, (count, 2), generator=generator), batch.device
-    )
     rows = _reflect(torch.arange(height, device=batch.device) + shifts[:, :1], height)
     columns = _reflect(torch.arange(width, device=batch.device) + shifts[:, 1:], width)
     images = torch.arange(count, device=batch.device).view(-1, 1, 1)
