@@ -175,6 +175,13 @@ def eval_batch_size(device: torch.device) -> int:
     return CPU_EVAL_BATCH_SIZE if device.type == "cpu" else GPU_EVAL_BATCH_SIZE
 
 
+def coarse_epoch_count(epochs: int, coarse_epochs: int, stem_stride: int) -> int:
+    """How many of the first epochs train at a stride-2 stem: `coarse_epochs`, less any that would leave no epoch at
+    `stem_stride` (the stride the model is exported at, and its kept epoch picked at), and none when that stride is
+    already 2. So `epochs=1` with the default `coarse_epochs=1` trains one epoch at stride 1."""
+    return min(coarse_epochs, epochs - 1) if stem_stride == 1 else 0
+
+
 def _train_epochs(
     model: torch.nn.Module,
     splits: dict[str, tuple[torch.Tensor, torch.Tensor]],
@@ -187,7 +194,7 @@ def _train_epochs(
 ) -> dict[str, float]:
     """The epoch loop, in every process; keeps the best epoch at `stem_stride` by val AUC in `checkpoint` (written
     by rank 0) and returns its metrics, with `model` holding its weights in every process. The first
-    `train.coarse_epochs` epochs train (and are validated) with a stride-2 stem. With `train.select_fraction` < 1,
+    `coarse_epoch_count(...)` epochs train (and are validated) with a stride-2 stem. With `train.select_fraction` < 1,
     every epoch after the first trains on that share of the images, drawn by the losses they last trained with."""
     model = model.to(memory_format=training_memory_format(device, train.batch_size))
     parallel_model = distributed.wrap(model, device)
@@ -202,6 +209,16 @@ def _train_epochs(
     generator = torch.Generator().manual_seed(seed + distributed.rank())
     selection_generator = torch.Generator().manual_seed(seed)
     last_losses = torch.zeros(count)
+    coarse_epochs = coarse_epoch_count(train.epochs, train.coarse_epochs, stem_stride)
+    if coarse_epochs != train.coarse_epochs:
+        log.info(
+            "coarse_epochs=%d gives %d coarse epoch(s) of %d at stem_stride %d: the last epoch is never coarse, and "
+            "with stem_stride 2 none is",
+            train.coarse_epochs,
+            coarse_epochs,
+            train.epochs,
+            stem_stride,
+        )
     best: dict[str, float] = {"val_auc": -1.0}
     for epoch in range(1, train.epochs + 1):
         pool = torch.arange(count)
@@ -211,7 +228,7 @@ def _train_epochs(
         sampler.set_epoch(epoch)
         order = pool[list(sampler)]
         epoch_losses = torch.zeros(count, device=device)
-        coarse = epoch <= train.coarse_epochs
+        coarse = epoch <= coarse_epochs
         # The stride changes no weight's shape, so the coarse epochs' weights carry on at the fine stride.
         set_stem_stride(model.backbone, TIMM_STEM_STRIDE if coarse else stem_stride)
         metrics = train_one_epoch(

@@ -267,7 +267,7 @@ def test_the_epoch_loop_ends_holding_the_best_epochs_weights(tmp_path: Path, mon
 
     real_epoch = pipeline.train_one_epoch
     monkeypatch.setattr(pipeline, "train_one_epoch", recorded_epoch)
-    train = TrainConfig(epochs=2, batch_size=4, device="cpu", num_workers=0)
+    train = TrainConfig(epochs=2, coarse_epochs=0, batch_size=4, device="cpu", num_workers=0)
     model, best, checkpoint = _train_epochs_on_noise(tmp_path, monkeypatch, [0.9, 0.5], train, stem_stride=2)
     assert best["epoch"] == 1 and len(weights_after_each_epoch) == 2
     first, last = weights_after_each_epoch
@@ -277,9 +277,18 @@ def test_the_epoch_loop_ends_holding_the_best_epochs_weights(tmp_path: Path, mon
         assert torch.equal(tensor, first[name]) and torch.equal(tensor, saved[name]), name
 
 
+@pytest.mark.parametrize(
+    ("epochs", "coarse_epochs", "stem_stride", "expected"),
+    [(16, 1, 1, 1), (16, 12, 1, 12), (16, 16, 1, 15), (1, 1, 1, 0), (3, 0, 1, 0), (16, 1, 2, 0)],
+)
+def test_coarse_epochs_leave_the_last_epoch_at_the_exported_stride(epochs, coarse_epochs, stem_stride, expected):
+    assert pipeline.coarse_epoch_count(epochs, coarse_epochs, stem_stride) == expected
+
+
 def test_coarse_epochs_train_at_stride_2_and_are_never_the_kept_epoch(tmp_path: Path, monkeypatch):
-    """coarse_epochs=2 of 3: two epochs at a stride-2 stem, then one at stride 1. The stride-1 epoch is kept though
-    the coarse ones scored higher (the model is exported at stride 1), and the model ends at stride 1."""
+    """coarse_epochs=5 of 3: two epochs at a stride-2 stem, then one at stride 1 (the last epoch is never coarse).
+    The stride-1 epoch is kept though the coarse ones scored higher (the model is exported at stride 1), and the
+    model ends at stride 1."""
     strides = []
 
     def recorded_epoch(model, *args, **kwargs):
@@ -288,7 +297,7 @@ def test_coarse_epochs_train_at_stride_2_and_are_never_the_kept_epoch(tmp_path: 
 
     real_epoch = pipeline.train_one_epoch
     monkeypatch.setattr(pipeline, "train_one_epoch", recorded_epoch)
-    train = TrainConfig(epochs=3, coarse_epochs=2, batch_size=4, device="cpu", num_workers=0)
+    train = TrainConfig(epochs=3, coarse_epochs=5, batch_size=4, device="cpu", num_workers=0)
     model, best, checkpoint = _train_epochs_on_noise(tmp_path, monkeypatch, [0.99, 0.98, 0.5], train, stem_stride=1)
     assert strides == [(2, 2), (2, 2), (1, 1)]
     assert best["epoch"] == 3 and best["val_auc"] == 0.5
