@@ -1,5 +1,6 @@
 """Evaluation benchmark: images/s of `engine.predict_logits`, the call that scores val and test in training, by
-batch size and memory layout (NCHW, channels_last), with the model's flip averaging on or off.
+batch size and memory layout (NCHW, channels_last), with the model's BatchNorm folded into its convolutions (what
+`predict_logits` does) or separate, and its flip averaging on or off.
 
 The detector from random weights (speed does not depend on the weights) scores the same uint8 images held in
 memory, as the pipeline holds its splits; each figure after one warm-up batch. On a CPU the batch size that
@@ -14,20 +15,24 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 
 import torch
 
 from cifake_core.config import SWITCH_CHOICES, ModelConfig
-from cifake_core.engine import predict_logits, resolve_device
+from cifake_core.engine import batched_logits, predict_logits, resolve_device
 from cifake_core.models import create_model
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+SCORERS = {"folded": predict_logits, "separate": batched_logits}
 
 
-def images_per_second(model: torch.nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> float:
-    predict_logits(model, images[:batch_size], batch_size, device)
+def images_per_second(
+    score: Callable, model: torch.nn.Module, images: torch.Tensor, batch_size: int, device: torch.device
+) -> float:
+    score(model, images[:batch_size], batch_size, device)
     started = time.perf_counter()
-    predict_logits(model, images, batch_size, device)
+    score(model, images, batch_size, device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return len(images) / (time.perf_counter() - started)
@@ -59,19 +64,27 @@ def main() -> None:
     for layout, memory_format in LAYOUTS.items():
         model = model.to(memory_format=memory_format)
         for batch_size in [int(value) for value in arguments.batch_sizes.split(",")]:
-            row = {
-                "layout": layout,
-                "batch_size": batch_size,
-                "images_per_second": images_per_second(model, images, batch_size, device),
-            }
-            rows.append(row)
-            print(f"[bench] {row}", flush=True)
+            for batchnorm, score in SCORERS.items():
+                row = {
+                    "layout": layout,
+                    "batchnorm": batchnorm,
+                    "batch_size": batch_size,
+                    "images_per_second": images_per_second(score, model, images, batch_size, device),
+                }
+                rows.append(row)
+                print(f"[bench] {row}", flush=True)
 
-    baseline = rows[-1]["images_per_second"]
-    print(f"\n| layout | batch | images/s | vs channels_last at batch {rows[-1]['batch_size']} |\n|---|---|---|---|")
+    baseline = rows[-1]
+    print(
+        f"\n| layout | BatchNorm | batch | images/s | vs {baseline['layout']}, {baseline['batchnorm']}, batch "
+        f"{baseline['batch_size']} |\n|---|---|---|---|---|"
+    )
     for row in rows:
         rate = row["images_per_second"]
-        print(f"| {row['layout']} | {row['batch_size']} | {rate:.0f} | {rate / baseline:.2f}x |")
+        print(
+            f"| {row['layout']} | {row['batchnorm']} | {row['batch_size']} | {rate:.0f} | "
+            f"{rate / baseline['images_per_second']:.2f}x |"
+        )
     if arguments.output:
         with open(arguments.output, "w") as handle:
             json.dump(

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from cifake_core.distributed import all_reduce_sum, gather_shards, shard_bounds
 from cifake_core.errors import DeviceError
 from cifake_core.metrics import binary_metrics
+from cifake_core.models import fold_batchnorm
 
 AUGMENT_PROBABILITY = 0.5
 # Strength ranges, drawn per batch (per image for noise), around the robustness report's fixed settings.
@@ -275,9 +276,14 @@ def train_one_epoch(
     }
 
 
-@torch.no_grad()
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Logits for every image, in order, on the CPU."""
+    """Logits for every image, in order, on the CPU, scored by `fold_batchnorm(model)`: the same logits, faster."""
+    return batched_logits(fold_batchnorm(model), images, batch_size, device)
+
+
+@torch.no_grad()
+def batched_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Logits for every image, in order, on the CPU, from `model` as it is, in evaluation mode."""
     model.eval()
     chunks = [
         model(images[start : start + batch_size].to(device)).float().cpu()

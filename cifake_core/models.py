@@ -13,6 +13,8 @@ Usage:
 from __future__ import annotations
 
 import contextlib
+import copy
+import itertools
 import logging
 from pathlib import Path
 from typing import Any
@@ -118,6 +120,28 @@ def set_stem_stride(backbone: torch.nn.Module, stem_stride: int) -> torch.nn.Mod
     # weights' shapes (pretrained weights still load) and quadruples every later activation.
     backbone.conv_stem.stride = (stem_stride, stem_stride)
     return backbone
+
+
+def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """An evaluating copy of `model` with each BatchNorm folded into the convolution it follows, its activation
+    kept: the same logits within float rounding, and about 1.25x the images/s of eager evaluation on a CPU
+    (docs/BENCHMARKS.md, "BatchNorm folded into the convolutions for evaluation"). `model` is left as it was.
+    A pair is folded when the BatchNorm is the convolution's next sibling with its channel count: timm's
+    MobileNetV3 defines every BatchNorm right after the convolution it normalises (tests check the logits)."""
+    folded = copy.deepcopy(model).eval()
+    for parent in list(folded.modules()):
+        for (conv_name, conv), (norm_name, norm) in itertools.pairwise(list(parent.named_children())):
+            if (
+                isinstance(conv, torch.nn.Conv2d)
+                and isinstance(norm, torch.nn.BatchNorm2d)
+                and norm.track_running_stats
+                and conv.out_channels == norm.num_features
+            ):
+                setattr(parent, conv_name, torch.nn.utils.fuse_conv_bn_eval(conv, norm))
+                # timm's BatchNormAct2d applies dropout and its activation after normalising; both stay.
+                after = [getattr(norm, part) for part in ("drop", "act") if hasattr(norm, part)]
+                setattr(parent, norm_name, torch.nn.Sequential(*after))
+    return folded
 
 
 def _init_head(backbone: torch.nn.Module) -> torch.nn.Module:

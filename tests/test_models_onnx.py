@@ -13,7 +13,7 @@ import timm
 import torch
 
 from cifake_core import models
-from cifake_core.engine import evaluate, prob_ai, resolve_device
+from cifake_core.engine import evaluate, predict_logits, prob_ai, resolve_device
 from cifake_core.errors import DeviceError, PretrainedWeightsError
 from cifake_core.onnx_export import OnnxParityError, export_onnx
 from cifake_core.onnx_runtime import INPUT_NAME, OUTPUT_NAME, onnx_session
@@ -299,3 +299,28 @@ def test_flip_tta_is_in_the_onnx_graph_and_the_checkpoint(random_model, tmp_path
         assert models.load_checkpoint(tmp_path / "best.pt")[0].flip_tta is (flip_tta == "true")
     models.save_checkpoint(tmp_path / "old.pt", averaging, {"stem_stride": 2}, epoch=1, metrics={})
     assert models.load_checkpoint(tmp_path / "old.pt")[0].flip_tta is False  # written before flip_tta existed
+
+
+@pytest.mark.parametrize("stem_stride", [1, 2])
+def test_folding_batchnorm_keeps_the_logits_and_leaves_the_model_alone(stem_stride: int):
+    torch.manual_seed(0)
+    model, _ = models.create_model(pretrained="false", pretrained_weights="", stem_stride=stem_stride, flip_tta=True)
+    # Statistics far from a new network's (mean 0, variance 1, scale 1, shift 0), so a wrong fold shows.
+    for norm in (module for module in model.modules() if isinstance(module, torch.nn.BatchNorm2d)):
+        norm.running_mean.uniform_(-1.0, 1.0)
+        norm.running_var.uniform_(0.5, 2.0)
+        norm.weight.data.uniform_(0.5, 1.5)
+        norm.bias.data.uniform_(-0.5, 0.5)
+    model = model.to(memory_format=torch.channels_last).train()
+    before = copy.deepcopy(model.state_dict())
+
+    folded = models.fold_batchnorm(model)
+
+    assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in folded.modules())
+    assert model.training and any(isinstance(module, torch.nn.BatchNorm2d) for module in model.modules())
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+    images = torch.from_numpy(_batch(8))
+    with torch.no_grad():
+        expected = model.eval()(images)
+        torch.testing.assert_close(folded(images), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(predict_logits(model, images, 3, torch.device("cpu")), expected, rtol=1e-4, atol=1e-5)
