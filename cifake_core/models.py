@@ -124,7 +124,7 @@ def set_stem_stride(backbone: torch.nn.Module, stem_stride: int) -> torch.nn.Mod
 
 def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     """An evaluating copy of `model` with each BatchNorm folded into the convolution it follows, its activation
-    kept: the same logits within float rounding, and about 1.25x the images/s of eager evaluation on a CPU
+    kept: the same logits within float rounding, and 1.2x the images/s of eager evaluation on a CPU
     (docs/BENCHMARKS.md, "BatchNorm folded into the convolutions for evaluation"). `model` is left as it was.
     A pair is folded when the BatchNorm is the convolution's next sibling with its channel count: timm's
     MobileNetV3 defines every BatchNorm right after the convolution it normalises (tests check the logits)."""
