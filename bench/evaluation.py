@@ -3,10 +3,10 @@ batch size and memory layout (NCHW, channels_last), with the model's BatchNorm f
 `predict_logits` does) or separate, and its flip averaging on or off.
 
 The detector from random weights (speed does not depend on the weights) scores the same uint8 images held in
-memory, as the pipeline holds its splits, with freed memory kept for reuse as the pipeline keeps it (without it,
-every unfused layer's output is fresh memory and the separate BatchNorm looks 1.5x slower than folded, not 1.2x);
-each figure after one warm-up batch. On a CPU the batch size that
-fills the cache best, not the largest, is the fastest: this is what `pipeline.CPU_EVAL_BATCH_SIZE` rests on.
+memory, as the pipeline holds its splits, and on a CPU with freed memory kept for reuse as the pipeline keeps it
+(without it every unfused layer's output is fresh memory, and the separate BatchNorm looks 1.5x slower than folded,
+not 1.2x); each figure after one warm-up batch. On a CPU the batch size that fills the cache best, not the
+largest, is the fastest: this is what `pipeline.CPU_EVAL_BATCH_SIZE` rests on.
 
 Usage:
     OMP_NUM_THREADS=1 .venv/bin/python bench/evaluation.py --flip_tta true --output evaluation.json
@@ -52,7 +52,8 @@ def main() -> None:
     arguments = parser.parse_args()
 
     device = resolve_device(arguments.device)
-    keep_freed_memory_for_reuse()
+    if device.type == "cpu":
+        keep_freed_memory_for_reuse()
     model, _ = create_model(
         pretrained="false",
         pretrained_weights="",

@@ -44,10 +44,10 @@ from cifake_core.data import (
 from cifake_core.demo import DEMO_VERSION, ensure_demo_dataset
 from cifake_core.engine import (
     batch_starts,
+    batched_logits,
     evaluate,
     keep_freed_memory_for_reuse,
     one_cycle_adamw,
-    predict_logits,
     prob_ai,
     resolve_device,
     select_hard_examples,
@@ -59,7 +59,7 @@ from cifake_core.engine import (
 )
 from cifake_core.errors import DatasetError
 from cifake_core.metrics import binary_metrics, confusion, curves, threshold_report
-from cifake_core.models import TIMM_STEM_STRIDE, create_model, save_checkpoint, set_stem_stride
+from cifake_core.models import TIMM_STEM_STRIDE, create_model, fold_batchnorm, save_checkpoint, set_stem_stride
 from cifake_core.onnx_export import export_onnx
 from cifake_core.predict import load_scorer
 from cifake_core.pyfunc_model import INPUT_COLUMN
@@ -368,9 +368,10 @@ def _robustness_scorer(model_uri: str, model: torch.nn.Module, temperature: floa
     if device.type == "cpu":
         # The logged pyfunc model itself: onnxruntime runs this network about 3x faster than eager PyTorch on a CPU.
         return load_scorer(model_uri).score_arrays
-    model = model.to(device)
+    # The report scores in chunks with these same weights: folded once, not at every chunk as predict_logits would.
+    folded = fold_batchnorm(model.to(device))
     return lambda images: prob_ai(
-        predict_logits(model, torch.from_numpy(images), eval_batch_size(device), device) / temperature
+        batched_logits(folded, torch.from_numpy(images), eval_batch_size(device), device) / temperature
     ).numpy()
 
 
