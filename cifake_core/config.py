@@ -110,13 +110,6 @@ class TrainConfig:
             "reflection); 0 = none"
         ),
     )
-    train_crop: int = field(
-        default=0,
-        metadata=_help(
-            "side of the random square each training image is cut to in every epoch but the last, in pixels (a "
-            "cheaper step at the same pixel scale; the last epoch and all scoring see whole images); 0 = whole images"
-        ),
-    )
     augment: str = field(
         default="false", metadata=_help("train on degraded copies too (down/up-scale, blur, noise, crop): true|false")
     )
@@ -256,11 +249,6 @@ def _check(values: dict[str, Any]) -> None:
             "translate",
             0 <= values["translate"] <= values["image_size"] // 4,
             f"between 0 and a quarter of image_size ({values['image_size'] // 4} pixels)",
-        ),
-        (
-            "train_crop",
-            values["train_crop"] == 0 or 16 <= values["train_crop"] < values["image_size"],
-            f"0 (whole images) or between 16 and image_size - 1 ({values['image_size'] - 1}) pixels",
         ),
         ("augment", values["augment"] in SWITCH_CHOICES, "one of " + "|".join(SWITCH_CHOICES)),
         ("flip_tta", values["flip_tta"] in SWITCH_CHOICES, "one of " + "|".join(SWITCH_CHOICES)),

@@ -172,16 +172,6 @@ def translate(batch: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     return batch[images, :, rows.unsqueeze(2), columns.unsqueeze(1)].permute(0, 3, 1, 2)
 
 
-def random_crop(batch: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    """Each image cut to a `size` x `size` square at a place drawn per image from `generator`."""
-    count, _, height, width = batch.shape
-    corners = torch.stack(
-        [torch.randint(0, extent - size + 1, (count,), generator=generator) for extent in (height, width)], dim=1
-    )
-    # A shift that keeps the square inside the image never reaches translate's reflected border.
-    return translate(batch, to_device_without_waiting(corners, batch.device))[:, :, :size, :size]
-
-
 def _uniform(bounds: tuple[float, float], generator: torch.Generator, count: int = 1) -> torch.Tensor:
     low, high = bounds
     return low + (high - low) * torch.rand(count, generator=generator)
@@ -231,7 +221,6 @@ def train_one_epoch(
     generator: torch.Generator,
     description: str = "train",
     translate: int = 0,
-    crop: int = 0,
     augment: bool = False,
     label_smoothing: float = 0.0,
     grad_clip_norm: float = 0.0,
@@ -239,11 +228,10 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """One pass over the training images at `order` (this process's share of the epoch, shuffled; see
     `distributed.epoch_sampler`): loss, accuracy, learning rate and speed, summed over all processes.
-    `translate` > 0 adds a random shift of up to that many pixels (`random_translate`) to the random flip, `crop` > 0
-    cuts each image to a random square of that side (`random_crop`), `augment` adds the `degrade` augmentations;
-    `train_loss` is the smoothed loss; `grad_clip_norm` > 0 scales each step's gradients down to at most that norm;
-    `sample_losses`, a tensor on `device` with one entry per training image, gets each trained image's loss at its
-    index."""
+    `translate` > 0 adds a random shift of up to that many pixels (`random_translate`) to the random flip, `augment`
+    the `degrade` augmentations; `train_loss` is the smoothed loss;
+    `grad_clip_norm` > 0 scales each step's gradients down to at most that norm; `sample_losses`, a tensor
+    on `device` with one entry per training image, gets each trained image's loss at its index."""
     model.train()
     started = time.perf_counter()
     order = torch.as_tensor(order, dtype=torch.long, device=images.device)
@@ -258,8 +246,6 @@ def train_one_epoch(
         batch = random_flip(images[index].to(device, non_blocking=True), generator)
         if translate:
             batch = random_translate(batch, translate, generator)
-        if crop:
-            batch = random_crop(batch, crop, generator)
         if augment:
             batch = degrade(batch, generator)
         targets = labels[index].to(device, non_blocking=True)

@@ -242,8 +242,6 @@ def _train_epochs(
             generator,
             description=f"epoch {epoch}/{train.epochs}",
             translate=train.translate,
-            # The last epoch trains on whole images, so its BatchNorm statistics are those of what is scored.
-            crop=train.train_crop if epoch < train.epochs else 0,
             augment=train.augment == "true",
             label_smoothing=train.label_smoothing,
             grad_clip_norm=train.grad_clip_norm,

@@ -47,8 +47,6 @@ def test_defaults_then_yaml_then_overrides(tmp_path: Path):
             {"translate": "-1", "image_size": "64"},
             "translate must be between 0 and a quarter of image_size .16 pixels.",
         ),
-        ({"train_crop": "12"}, "train_crop must be 0 .whole images. or between 16 and image_size - 1 .31. pixels"),
-        ({"train_crop": "32"}, "train_crop must be 0 .whole images. or between 16 and image_size - 1 .31. pixels"),
         ({"flip_tta": "yes"}, "flip_tta must be one of true.false, got 'yes'"),
         ({"promote": "sometimes"}, "promote must be one of auto|always|never"),
         ({"device": "tpu"}, "device must be auto, cpu, cuda, cuda:N or mps"),

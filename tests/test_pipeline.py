@@ -191,9 +191,8 @@ def test_a_failing_run_ends_failed_and_registers_nothing(tiny_demo: Path, tracki
 
 @pytest.mark.slow
 def test_the_epoch_gets_the_configured_training_settings(tiny_demo: Path, tracking_store: str, monkeypatch):
-    """batch_size=0 trains and logs the size this device gets; label_smoothing, grad_clip_norm, translate and
-    train_crop reach the first of two epochs, a coarse epoch trains at a stride-2 stem; the one-cycle schedule
-    counts the steps the epochs make."""
+    """batch_size=0 trains and logs the size this device gets; label_smoothing, grad_clip_norm and translate reach
+    the epoch, a coarse epoch trains at a stride-2 stem; the one-cycle schedule counts the steps the epochs make."""
     calls = []
 
     def first_epoch(model, images, labels, order, optimizer, scheduler, batch_size, *args, **kwargs):
@@ -216,7 +215,6 @@ def test_the_epoch_gets_the_configured_training_settings(tiny_demo: Path, tracki
         "label_smoothing": "0.1",
         "grad_clip_norm": "2.5",
         "translate": "3",
-        "train_crop": "20",
         "epochs": "2",
         "coarse_epochs": "1",
     }
@@ -225,8 +223,12 @@ def test_the_epoch_gets_the_configured_training_settings(tiny_demo: Path, tracki
     (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("cifake").experiment_id])
     assert run.data.params["batch_size"] == str(BATCH_SIZE)
     (call,) = calls
-    settings_reached = (call[name] for name in ("batch_size", "label_smoothing", "grad_clip_norm", "translate", "crop"))
-    assert tuple(settings_reached) == (BATCH_SIZE, 0.1, 2.5, 3, 20)
+    assert (call["batch_size"], call["label_smoothing"], call["grad_clip_norm"], call["translate"]) == (
+        BATCH_SIZE,
+        0.1,
+        2.5,
+        3,
+    )
     assert call["stem_stride"] == (2, 2)
     assert call["schedule"] == 2  # two epochs of one step each
     # One image more than a batch: the lone trailing image makes no step, so the schedule counts one step.
@@ -302,31 +304,6 @@ def test_coarse_epochs_train_at_stride_2_and_are_never_the_kept_epoch(tmp_path: 
     assert model.backbone.conv_stem.stride == (1, 1)
     restored, metadata = load_checkpoint(checkpoint)
     assert metadata["epoch"] == 3 and restored.backbone.conv_stem.stride == (1, 1)
-
-
-def test_train_crop_cuts_every_epoch_but_the_last_which_trains_on_whole_images(tmp_path: Path, monkeypatch):
-    """train_crop=24 over 3 epochs: the first two steps see 24-pixel squares, the last epoch's the whole 32-pixel
-    images (its BatchNorm statistics are then those of what is scored), and the crop is not kept as a kept epoch's
-    input size: the model scores whole images afterwards."""
-    input_sizes = []
-
-    def recorded_forward(module, inputs):
-        input_sizes.append(tuple(inputs[0].shape[-2:]))
-
-    def recorded_epoch(model, *args, **kwargs):
-        hook = model.register_forward_pre_hook(recorded_forward)
-        try:
-            return real_epoch(model, *args, **kwargs)
-        finally:
-            hook.remove()
-
-    real_epoch = pipeline.train_one_epoch
-    monkeypatch.setattr(pipeline, "train_one_epoch", recorded_epoch)
-    train = TrainConfig(epochs=3, coarse_epochs=0, batch_size=8, device="cpu", num_workers=0, train_crop=24)
-    model, _, _ = _train_epochs_on_noise(tmp_path, monkeypatch, [0.5, 0.6, 0.7], train, stem_stride=1)
-    assert input_sizes == [(24, 24), (24, 24), (32, 32)]
-    model.eval()
-    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 2)
 
 
 def test_epochs_after_the_first_train_on_select_fraction_of_the_images(tmp_path: Path, monkeypatch):
