@@ -97,19 +97,19 @@ def to_device_tensors(
 
 
 def one_cycle_schedule(
-    optimizer: torch.optim.Optimizer, lr: float, total_steps: int
+    optimizer: torch.optim.Optimizer, lr: float, total_steps: int, warmup_fraction: float
 ) -> torch.optim.lr_scheduler.OneCycleLR:
-    """The recipe's schedule: the learning rate warming up to `lr` and annealing over `total_steps` steps (one
-    `scheduler.step()` per optimiser step)."""
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps)
+    """The recipe's schedule: the learning rate warming up to `lr` over `warmup_fraction` of `total_steps` and
+    annealing over the rest (one `scheduler.step()` per optimiser step)."""
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=warmup_fraction)
 
 
 def one_cycle_adamw(
-    model: torch.nn.Module, lr: float, weight_decay: float, total_steps: int
+    model: torch.nn.Module, lr: float, weight_decay: float, total_steps: int, warmup_fraction: float
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.OneCycleLR]:
     """The recipe's optimiser and schedule: AdamW under `one_cycle_schedule`."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    return optimizer, one_cycle_schedule(optimizer, lr, total_steps)
+    return optimizer, one_cycle_schedule(optimizer, lr, total_steps, warmup_fraction)
 
 
 def selected_count(count: int, fraction: float) -> int:
