@@ -61,7 +61,7 @@ def images_per_second(variant: str, batch_size: int, steps: int, warmup: int) ->
     images = torch.randint(0, 256, (batch_size * steps, 3, 32, 32), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 2, (batch_size * steps,), generator=generator)
     train = TrainConfig()
-    optimizer, scheduler = one_cycle_adamw(model, train.lr, train.weight_decay, warmup + steps, train.warmup_fraction)
+    optimizer, scheduler = one_cycle_adamw(model, train.lr, train.weight_decay, warmup + steps)
     settings = {"grad_clip_norm": train.grad_clip_norm, "generator": generator, "device": CPU}
     order = torch.randperm(len(images), generator=generator)
     train_one_epoch(model, images, labels, order[: batch_size * warmup], optimizer, scheduler, batch_size, **settings)

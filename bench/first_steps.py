@@ -50,9 +50,7 @@ def first_steps(
         _timm_head(model)
     model = model.to(memory_format=torch.channels_last).train()
     steps_per_epoch = len(images) // BATCH_SIZE
-    optimizer, scheduler = one_cycle_adamw(
-        model, train.lr, train.weight_decay, train.epochs * steps_per_epoch, train.warmup_fraction
-    )
+    optimizer, scheduler = one_cycle_adamw(model, train.lr, train.weight_decay, train.epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(images), generator=generator)
     rows = []

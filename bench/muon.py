@@ -90,11 +90,11 @@ class MuonAdamW(torch.optim.Optimizer):
 
 
 def one_cycle_muon(
-    model: torch.nn.Module, lr: float, weight_decay: float, total_steps: int, warmup_fraction: float
+    model: torch.nn.Module, lr: float, weight_decay: float, total_steps: int
 ) -> tuple[MuonAdamW, torch.optim.lr_scheduler.OneCycleLR]:
     """`engine.one_cycle_adamw` with `MuonAdamW` in AdamW's place."""
     optimizer = MuonAdamW(model, lr, weight_decay)
-    return optimizer, one_cycle_schedule(optimizer, lr, total_steps, warmup_fraction)
+    return optimizer, one_cycle_schedule(optimizer, lr, total_steps)
 
 
 if __name__ == "__main__":

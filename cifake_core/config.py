@@ -92,10 +92,6 @@ class TrainConfig:
         ),
     )
     lr: float = field(default=4e-3, metadata=_help("peak learning rate of the one-cycle schedule"))
-    warmup_fraction: float = field(
-        default=0.3,
-        metadata=_help("share of the one-cycle schedule's steps spent warming up to lr, the rest annealing from it"),
-    )
     weight_decay: float = field(default=0.05, metadata=_help("AdamW weight decay"))
     label_smoothing: float = field(
         default=0.0, metadata=_help("share of each training target spread over both classes; 0 = hard labels")
@@ -244,7 +240,6 @@ def _check(values: dict[str, Any]) -> None:
             "0 (auto) or at least 2 (BatchNorm needs two images per batch)",
         ),
         ("lr", 0.0 < values["lr"] < 1.0, "a positive learning rate below 1, e.g. 0.004"),
-        ("warmup_fraction", 0.0 < values["warmup_fraction"] < 1.0, "a fraction strictly between 0 and 1, e.g. 0.3"),
         ("weight_decay", 0.0 <= values["weight_decay"] < 1.0, "between 0 and 1"),
         ("label_smoothing", 0.0 <= values["label_smoothing"] <= 0.5, "between 0 and 0.5, e.g. 0.1"),
         ("grad_clip_norm", values["grad_clip_norm"] >= 0.0, "0 (no clipping) or a positive norm, e.g. 1.0"),

@@ -97,19 +97,19 @@ def to_device_tensors(
 
 
 def one_cycle_schedule(
-    optimizer: torch.optim.Optimizer, lr: float, total_steps: int, warmup_fraction: float
+    optimizer: torch.optim.Optimizer, lr: float, total_steps: int
 ) -> torch.optim.lr_scheduler.OneCycleLR:
-    """The recipe's schedule: the learning rate warming up to `lr` over `warmup_fraction` of `total_steps` and
-    annealing over the rest (one `scheduler.step()` per optimiser step)."""
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=warmup_fraction)
+    """The recipe's schedule: the learning rate warming up to `lr` and annealing over `total_steps` steps (one
+    `scheduler.step()` per optimiser step)."""
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps)
 
 
 def one_cycle_adamw(
-    model: torch.nn.Module, lr: float, weight_decay: float, total_steps: int, warmup_fraction: float
+    model: torch.nn.Module, lr: float, weight_decay: float, total_steps: int
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.OneCycleLR]:
     """The recipe's optimiser and schedule: AdamW under `one_cycle_schedule`."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    return optimizer, one_cycle_schedule(optimizer, lr, total_steps, warmup_fraction)
+    return optimizer, one_cycle_schedule(optimizer, lr, total_steps)
 
 
 def selected_count(count: int, fraction: float) -> int:
