@@ -91,14 +91,6 @@ class TrainConfig:
             f"images per optimisation step and process; 0 = auto: {GPU_BATCH_SIZE} on CUDA, {BATCH_SIZE} elsewhere"
         ),
     )
-    freeze_epoch: int = field(
-        default=0,
-        metadata=_help(
-            "from this epoch on, the stem and the first freeze_blocks blocks stop training (no backward pass through "
-            "them, a cheaper step); 0 = never"
-        ),
-    )
-    freeze_blocks: int = field(default=3, metadata=_help("how many of the network's blocks freeze_epoch freezes"))
     lr: float = field(default=4e-3, metadata=_help("peak learning rate of the one-cycle schedule"))
     weight_decay: float = field(default=0.05, metadata=_help("AdamW weight decay"))
     label_smoothing: float = field(
@@ -247,8 +239,6 @@ def _check(values: dict[str, Any]) -> None:
             values["batch_size"] == 0 or values["batch_size"] >= 2,
             "0 (auto) or at least 2 (BatchNorm needs two images per batch)",
         ),
-        ("freeze_epoch", values["freeze_epoch"] >= 0, "0 (never) or an epoch number, e.g. 9"),
-        ("freeze_blocks", 0 <= values["freeze_blocks"] <= 7, "between 0 and 7 (MobileNetV3-Large has 7 blocks)"),
         ("lr", 0.0 < values["lr"] < 1.0, "a positive learning rate below 1, e.g. 0.004"),
         ("weight_decay", 0.0 <= values["weight_decay"] < 1.0, "between 0 and 1"),
         ("label_smoothing", 0.0 <= values["label_smoothing"] <= 0.5, "between 0 and 0.5, e.g. 0.1"),

@@ -122,17 +122,6 @@ def set_stem_stride(backbone: torch.nn.Module, stem_stride: int) -> torch.nn.Mod
     return backbone
 
 
-def freeze_front(backbone: torch.nn.Module, blocks: int) -> list[torch.nn.Parameter]:
-    """Stop training `backbone`'s stem and first `blocks` blocks, in place; returns the parameters frozen."""
-    # The first layers run at the highest resolution, so their backward pass is most of the step's cost, and they
-    # settle first (FreezeOut, Brock et al., 2017): freezing them skips that pass and its gradients.
-    front = [backbone.conv_stem, backbone.bn1, *list(backbone.blocks)[:blocks]]
-    frozen = [parameter for module in front for parameter in module.parameters() if parameter.requires_grad]
-    for parameter in frozen:
-        parameter.requires_grad_(False)
-    return frozen
-
-
 def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     """An evaluating copy of `model` with each BatchNorm folded into the convolution it follows, its activation
     kept: the same logits within float rounding, and 1.2x the images/s of eager evaluation on a CPU

@@ -59,14 +59,7 @@ from cifake_core.engine import (
 )
 from cifake_core.errors import DatasetError
 from cifake_core.metrics import binary_metrics, confusion, curves, threshold_report
-from cifake_core.models import (
-    TIMM_STEM_STRIDE,
-    create_model,
-    fold_batchnorm,
-    freeze_front,
-    save_checkpoint,
-    set_stem_stride,
-)
+from cifake_core.models import TIMM_STEM_STRIDE, create_model, fold_batchnorm, save_checkpoint, set_stem_stride
 from cifake_core.onnx_export import export_onnx
 from cifake_core.predict import load_scorer
 from cifake_core.pyfunc_model import INPUT_COLUMN
@@ -227,13 +220,7 @@ def _train_epochs(
             stem_stride,
         )
     best: dict[str, float] = {"val_auc": -1.0}
-    frozen: list[torch.nn.Parameter] = []
     for epoch in range(1, train.epochs + 1):
-        if epoch == train.freeze_epoch:
-            frozen = freeze_front(model.backbone, train.freeze_blocks)
-            # DistributedDataParallel fixes at construction which parameters it expects gradients for.
-            parallel_model = distributed.wrap(model, device)
-            log.info("epoch %d on: the stem and %d blocks frozen", epoch, train.freeze_blocks)
         pool = torch.arange(count)
         if epoch > 1 and selected < count:
             pool = select_hard_examples(last_losses, train.select_fraction, selection_generator)
@@ -285,8 +272,6 @@ def _train_epochs(
             best_weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
             if distributed.is_main_process():
                 save_checkpoint(checkpoint, model, checkpoint_config, epoch, metrics)
-    for parameter in frozen:
-        parameter.requires_grad_(True)
     model.load_state_dict(best_weights)
     return best
 
