@@ -107,8 +107,19 @@ def one_cycle_schedule(
 def one_cycle_adamw(
     model: torch.nn.Module, lr: float, weight_decay: float, total_steps: int
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.OneCycleLR]:
-    """The recipe's optimiser and schedule: AdamW under `one_cycle_schedule`."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    """The recipe's optimiser and schedule: AdamW under `one_cycle_schedule`, `weight_decay` on the convolution and
+    linear weights only."""
+    # Decaying BatchNorm's scales and shifts and the biases pulls them towards 0 with nothing to gain: they set each
+    # channel's scale and offset, not the capacity that decay limits (timm's filter_bias_and_bn does the same).
+    parameters = list(model.parameters())
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [parameter for parameter in parameters if parameter.ndim > 1]},
+            {"params": [parameter for parameter in parameters if parameter.ndim <= 1], "weight_decay": 0.0},
+        ],
+        lr=lr,
+        weight_decay=weight_decay,
+    )
     return optimizer, one_cycle_schedule(optimizer, lr, total_steps)
 
 
