@@ -11,7 +11,13 @@ import sys
 import pytest
 import torch
 
-from cifake_core.engine import GPU_CHANNELS_LAST_MIN_BATCH, select_hard_examples, training_memory_format
+from cifake_core.engine import (
+    GPU_CHANNELS_LAST_MIN_BATCH,
+    one_cycle_adamw,
+    select_hard_examples,
+    training_memory_format,
+)
+from cifake_core.models import create_model
 
 # Counts the page faults of allocating and filling a 64 MB tensor 20 times, as a training step does with its
 # activations, in a fresh process (the setting is process-wide), with the setting when argv[1] is "keep". The
@@ -69,3 +75,19 @@ def test_hard_examples_are_drawn_by_their_last_loss_and_easy_ones_still_sometime
     everything = select_hard_examples(losses, 1.0, torch.Generator().manual_seed(0))
     assert torch.equal(everything.sort().values, torch.arange(1000))
     assert len(select_hard_examples(losses, 1e-6, torch.Generator().manual_seed(0))) == 1
+
+
+def test_weight_decay_shrinks_convolution_and_linear_weights_only():
+    """One AdamW step with every gradient 0: decay alone moves the weights. Convolution and linear weights shrink by
+    lr x weight_decay; BatchNorm's scales and shifts and the biases stay where they were."""
+    model, _ = create_model("false", "", stem_stride=1)
+    optimizer, _ = one_cycle_adamw(model, lr=0.004, weight_decay=0.05, total_steps=10)
+    before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    for parameter in model.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()
+    lr = optimizer.param_groups[0]["lr"]
+    for name, parameter in model.named_parameters():
+        expected = before[name] * (1 - lr * 0.05) if parameter.ndim > 1 else before[name]
+        assert torch.allclose(parameter.detach(), expected, rtol=0, atol=1e-9), name
+    assert {parameter.ndim > 1 for parameter in model.parameters()} == {True, False}
