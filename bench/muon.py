@@ -54,14 +54,19 @@ def takes_muon(name: str, parameter: torch.Tensor) -> bool:
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    """Muon for the parameters `takes_muon` picks, AdamW for the rest; one `lr`, `weight_decay` and `betas`
-    (the Muon momentum is `betas[0]`), so that `OneCycleLR` schedules both."""
+    """Muon for the parameters `takes_muon` picks, AdamW for the rest; one `lr`, `weight_decay` (on the weights of
+    more than one dimension) and `betas` (the Muon momentum is `betas[0]`), so that `OneCycleLR` schedules both."""
 
     def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999), eps=1e-8):
         muon, adamw = [], []
         for name, parameter in model.named_parameters():
             (muon if takes_muon(name, parameter) else adamw).append(parameter)
-        groups = [{"params": muon, "muon": True}, {"params": adamw, "muon": False}]
+        # As `engine.one_cycle_adamw`: no decay on BatchNorm's scales and shifts or on the biases.
+        groups = [
+            {"params": muon, "muon": True},
+            {"params": [parameter for parameter in adamw if parameter.ndim > 1], "muon": False},
+            {"params": [parameter for parameter in adamw if parameter.ndim <= 1], "muon": False, "weight_decay": 0.0},
+        ]
         super().__init__(groups, {"lr": lr, "weight_decay": weight_decay, "betas": betas, "eps": eps})
 
     @torch.no_grad()

@@ -134,6 +134,8 @@ def test_muon_takes_the_channel_mixing_convolutions_and_adamw_the_rest() -> None
     model, _ = create_model("false", "", stem_stride=1)
     optimizer = muon.MuonAdamW(model, lr=0.004, weight_decay=0.05)
     by_muon = {id(parameter) for parameter in optimizer.param_groups[0]["params"]}
+    for group in optimizer.param_groups:
+        assert {parameter.ndim > 1 for parameter in group["params"]} == {group["weight_decay"] > 0}
     taken = {name for name, parameter in model.named_parameters() if id(parameter) in by_muon}
     assert "backbone.blocks.1.0.conv_pw.weight" in taken and "backbone.blocks.5.2.se.conv_reduce.weight" in taken
     for name in taken:
