@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from cifake_core import pipeline  # noqa: E402
 from cifake_core.cli import main  # noqa: E402
-from cifake_core.engine import one_cycle_schedule  # noqa: E402
+from cifake_core.engine import one_cycle_schedule, weight_decay_groups  # noqa: E402
 
 # Keller Jordan's quintic iteration: its slope at 0 is pushed high so that 5 steps suffice.
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -61,12 +61,7 @@ class MuonAdamW(torch.optim.Optimizer):
         muon, adamw = [], []
         for name, parameter in model.named_parameters():
             (muon if takes_muon(name, parameter) else adamw).append(parameter)
-        # As `engine.one_cycle_adamw`: no decay on BatchNorm's scales and shifts or on the biases.
-        groups = [
-            {"params": muon, "muon": True},
-            {"params": [parameter for parameter in adamw if parameter.ndim > 1], "muon": False},
-            {"params": [parameter for parameter in adamw if parameter.ndim <= 1], "muon": False, "weight_decay": 0.0},
-        ]
+        groups = [{"params": muon, "muon": True}] + [{**group, "muon": False} for group in weight_decay_groups(adamw)]
         super().__init__(groups, {"lr": lr, "weight_decay": weight_decay, "betas": betas, "eps": eps})
 
     @torch.no_grad()

@@ -23,7 +23,8 @@ import ctypes
 import math
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -104,22 +105,24 @@ def one_cycle_schedule(
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps)
 
 
+def weight_decay_groups(parameters: Iterable[torch.nn.Parameter]) -> list[dict[str, Any]]:
+    """`parameters` as two optimiser groups: the convolution and linear weights (more than one dimension), decayed at
+    the optimiser's `weight_decay`, and the 1-D rest (BatchNorm's scales and shifts, the biases), not decayed."""
+    # Decaying BatchNorm's scales and shifts and the biases pulls them towards 0 with nothing to gain: they set each
+    # channel's scale and offset, not the capacity that decay limits (timm's filter_bias_and_bn does the same).
+    parameters = list(parameters)
+    return [
+        {"params": [parameter for parameter in parameters if parameter.ndim > 1]},
+        {"params": [parameter for parameter in parameters if parameter.ndim <= 1], "weight_decay": 0.0},
+    ]
+
+
 def one_cycle_adamw(
     model: torch.nn.Module, lr: float, weight_decay: float, total_steps: int
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.OneCycleLR]:
     """The recipe's optimiser and schedule: AdamW under `one_cycle_schedule`, `weight_decay` on the convolution and
-    linear weights only."""
-    # Decaying BatchNorm's scales and shifts and the biases pulls them towards 0 with nothing to gain: they set each
-    # channel's scale and offset, not the capacity that decay limits (timm's filter_bias_and_bn does the same).
-    parameters = list(model.parameters())
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [parameter for parameter in parameters if parameter.ndim > 1]},
-            {"params": [parameter for parameter in parameters if parameter.ndim <= 1], "weight_decay": 0.0},
-        ],
-        lr=lr,
-        weight_decay=weight_decay,
-    )
+    linear weights only (`weight_decay_groups`)."""
+    optimizer = torch.optim.AdamW(weight_decay_groups(model.parameters()), lr=lr, weight_decay=weight_decay)
     return optimizer, one_cycle_schedule(optimizer, lr, total_steps)
 
 
