@@ -31,7 +31,7 @@ from cifake_core.config import DataConfig  # noqa: E402
 from cifake_core.data import array_cache_folder, load_split_arrays  # noqa: E402
 from cifake_core.engine import predict_logits, prob_ai, resolve_device, training_memory_format, translate  # noqa: E402
 from cifake_core.metrics import binary_metrics  # noqa: E402
-from cifake_core.models import ImageClassifier, load_checkpoint  # noqa: E402
+from cifake_core.models import ImageClassifier, load_checkpoint, single_view  # noqa: E402
 from cifake_core.pipeline import eval_batch_size, prepare, resolve_dataset  # noqa: E402
 
 View = tuple[int, int, bool]  # (dy, dx, mirrored)
@@ -61,15 +61,14 @@ def split_figures(
     """AUC and F1 at 0.5 of one split for each set of views, and the seconds one view's scoring took; the model's
     own `flip_tta` setting is restored afterwards."""
     sets = view_sets(max_shift)
-    own_setting, model.flip_tta = model.flip_tta, False
     logits: dict[View, torch.Tensor] = {}
     started = time.perf_counter()
-    for dy, dx, mirrored in sorted({view for views in sets.values() for view in views}):
-        view = shifted(images, dy, dx)
-        view = view.flip(-1) if mirrored else view
-        logits[(dy, dx, mirrored)] = predict_logits(model, view, eval_batch_size(device), device)
+    with single_view(model):
+        for dy, dx, mirrored in sorted({view for views in sets.values() for view in views}):
+            view = shifted(images, dy, dx)
+            view = view.flip(-1) if mirrored else view
+            logits[(dy, dx, mirrored)] = predict_logits(model, view, eval_batch_size(device), device)
     seconds_per_view = (time.perf_counter() - started) / len(logits)
-    model.flip_tta = own_setting
     figures = {}
     for name, views in sets.items():
         mean_logits = torch.stack([logits[view] for view in views]).mean(0)

@@ -62,7 +62,8 @@ class ModelConfig:
         default="true",
         metadata=_help(
             "score each image as the mean of its own and its mirror image's logits, wherever the model predicts "
-            "(validation, test, ONNX export, serving): true|false; doubles the cost of a prediction"
+            "(the kept model's validation, test, ONNX export, serving; not the check after each epoch): true|false; "
+            "doubles the cost of a prediction"
         ),
     )
 

@@ -282,6 +282,19 @@ def test_flip_tta_scores_the_mean_of_image_and_mirror_when_evaluating_only(rando
         torch.testing.assert_close(averaging(images), copy.deepcopy(random_model).train()(images))
 
 
+def test_single_view_scores_the_image_alone_and_restores_flip_tta(random_model):
+    averaging = _with_flip_tta(random_model).eval()
+    images = torch.from_numpy(_batch(4))
+    with torch.no_grad():
+        with models.single_view(averaging) as scoring:
+            torch.testing.assert_close(scoring(images), random_model.eval()(images))
+        assert averaging.flip_tta
+        with pytest.raises(RuntimeError), models.single_view(averaging):
+            raise RuntimeError("an evaluation that fails")
+        assert averaging.flip_tta
+        torch.testing.assert_close(averaging(images), (random_model(images) + random_model(images.flip(-1))) / 2)
+
+
 def test_flip_tta_is_in_the_onnx_graph_and_the_checkpoint(random_model, tmp_path: Path):
     averaging = _with_flip_tta(random_model)
     path = tmp_path / "model.onnx"

@@ -237,15 +237,28 @@ def test_the_epoch_gets_the_configured_training_settings(tiny_demo: Path, tracki
     assert calls[-1]["schedule"] == 1
 
 
-def _train_epochs_on_noise(tmp_path: Path, monkeypatch, val_aucs: list[float], train: TrainConfig, stem_stride: int):
+def _train_epochs_on_noise(
+    tmp_path: Path,
+    monkeypatch,
+    val_aucs: list[float],
+    train: TrainConfig,
+    stem_stride: int,
+    flip_tta: bool = False,
+    judged_with_flip_tta: list[bool] | None = None,
+):
     """`pipeline._train_epochs` on 8 random images, the epochs scored `val_aucs` in turn: the model, the kept
-    epoch's metrics and the checkpoint's path."""
+    epoch's metrics and the checkpoint's path. `judged_with_flip_tta` collects the model's `flip_tta` at each
+    evaluation."""
     scores = iter(val_aucs)
-    monkeypatch.setattr(
-        pipeline, "evaluate", lambda *args, **kwargs: {"val_auc": next(scores), "val_loss": 0.5, "val_f1": 0.5}
-    )
+
+    def scored(model, *args, **kwargs):
+        if judged_with_flip_tta is not None:
+            judged_with_flip_tta.append(model.flip_tta)
+        return {"val_auc": next(scores), "val_loss": 0.5, "val_f1": 0.5}
+
+    monkeypatch.setattr(pipeline, "evaluate", scored)
     monkeypatch.setattr(pipeline.tracking, "log_metrics", lambda *args, **kwargs: None)
-    model, _ = create_model("false", "", stem_stride=stem_stride)
+    model, _ = create_model("false", "", stem_stride=stem_stride, flip_tta=flip_tta)
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([0, 1] * 4)
     checkpoint = tmp_path / "best.pt"
@@ -275,6 +288,18 @@ def test_the_epoch_loop_ends_holding_the_best_epochs_weights(tmp_path: Path, mon
     assert not torch.equal(first["backbone.conv_head.weight"], last["backbone.conv_head.weight"])
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, first[name]) and torch.equal(tensor, saved[name]), name
+
+
+def test_epochs_are_judged_on_one_view_and_the_model_keeps_flip_tta(tmp_path: Path, monkeypatch):
+    """Validation after each epoch scores the images without their mirror (half the cost); the model leaves the
+    loop with flip_tta on, as it is scored after training and exported."""
+    judged: list[bool] = []
+    train = TrainConfig(epochs=2, coarse_epochs=0, batch_size=4, device="cpu", num_workers=0)
+    model, best, _ = _train_epochs_on_noise(
+        tmp_path, monkeypatch, [0.5, 0.9], train, stem_stride=2, flip_tta=True, judged_with_flip_tta=judged
+    )
+    assert judged == [False, False]
+    assert model.flip_tta and best["epoch"] == 2
 
 
 @pytest.mark.parametrize(
