@@ -71,7 +71,7 @@ def run_recipe(recipe: str, common: list[str], folder: str) -> dict:
     return {
         "recipe": recipe or "defaults",
         "best_val_auc": history["best_val_auc"][0][1],
-        "val_auc": [value for _, value in history["val_auc"]],
+        "val_auc_one_view": [value for _, value in history["val_auc"]],
         "train_seconds": sum(value for _, value in history["epoch_seconds"]),
         "images_per_second": sum(speeds) / len(speeds),
         "wall_seconds": wall,
@@ -119,7 +119,7 @@ def main() -> None:
     print("\n| recipe | images/s | training min | peak MB | val AUC | val AUC by epoch (one view) |")
     print("|---|---|---|---|---|---|")
     for result in results:
-        by_epoch = ", ".join(f"{value:.3f}" for value in result["val_auc"])
+        by_epoch = ", ".join(f"{value:.3f}" for value in result["val_auc_one_view"])
         minutes = result["train_seconds"] / 60
         peak = result["peak_rss_mb"]
         kept = result["best_val_auc"]

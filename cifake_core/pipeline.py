@@ -481,6 +481,9 @@ def _train(config: RunConfig, device: torch.device) -> TrainingResult | None:
         # The kept model's val AUC as exported, with its mirror view when flip_tta is on.
         best_val_auc = binary_metrics(val_labels, prob_ai(val_logits).numpy(), 0.5, "val")["val_auc"]
         tracking.log_metrics({"best_epoch": best["epoch"], "best_val_auc": best_val_auc})
+        log.info(
+            "kept epoch %d: val AUC %.4f as exported (one view: %.4f)", best["epoch"], best_val_auc, best["val_auc"]
+        )
         temperature, val_scores, test_scores = _calibrate(work, (val_labels, val_logits), (test_labels, test_logits))
         default = config.publish.default_threshold
         thresholds = threshold_report(val_labels, val_scores, test_labels, test_scores, default)

@@ -287,7 +287,7 @@ def test_single_view_scores_the_image_alone_and_restores_flip_tta(random_model):
     images = torch.from_numpy(_batch(4))
     with torch.no_grad():
         with models.single_view(averaging) as scoring:
-            torch.testing.assert_close(scoring(images), random_model(images))
+            torch.testing.assert_close(scoring(images), copy.deepcopy(random_model).eval()(images))
         assert averaging.flip_tta
         with pytest.raises(RuntimeError), models.single_view(averaging):
             raise RuntimeError("an evaluation that fails")

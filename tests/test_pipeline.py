@@ -141,6 +141,10 @@ def test_training_logs_registers_promotes_and_serves(tiny_demo: Path, tracking_s
     assert version.run_id == result.run_id
     assert {"val_auc", "test_auc", "dataset_fingerprint", "image_size", "weights_source"} <= set(version.tags)
     assert _production() == "1"
+    # One figure for the kept model everywhere: the metric, the version's tag (promotion compares it), metrics.json.
+    report = json.loads(Path(client.download_artifacts(result.run_id, "reports/metrics.json")).read_text())
+    best_val_auc = run.data.metrics["best_val_auc"]
+    assert best_val_auc == float(version.tags["val_auc"]) == report["best_val_auc"] == result.metrics["best_val_auc"]
 
     model = mlflow.pyfunc.load_model(f"models:/{MODEL}@production")
     assert model.metadata.signature.inputs.input_names() == ["image"]
