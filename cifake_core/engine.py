@@ -318,6 +318,13 @@ def prob_ai(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=1)[:, 1]
 
 
+def logit_metrics(logits: torch.Tensor, labels: torch.Tensor, prefix: str) -> dict[str, float]:
+    """Loss, AUC, accuracy, F1 and friends at threshold 0.5 of a split's logits; keys prefixed with `prefix`."""
+    targets = labels.cpu()
+    metrics = binary_metrics(targets.numpy(), prob_ai(logits).numpy(), 0.5, prefix)
+    return {f"{prefix}_loss": float(F.cross_entropy(logits, targets))} | metrics
+
+
 def evaluate(
     model: torch.nn.Module,
     images: torch.Tensor,
@@ -326,11 +333,8 @@ def evaluate(
     device: torch.device,
     prefix: str,
 ) -> dict[str, float]:
-    """Loss, AUC, accuracy, F1 and friends at threshold 0.5 on one whole split; keys prefixed with `prefix`.
+    """`logit_metrics` of one whole split scored by `model`.
 
     With several processes each scores its shard and all get every logit (`sharded_logits`), so all compute
     the same figures; every process must call it."""
-    logits = sharded_logits(model, images, batch_size, device)
-    targets = labels.cpu()
-    metrics = binary_metrics(targets.numpy(), prob_ai(logits).numpy(), 0.5, prefix)
-    return {f"{prefix}_loss": float(F.cross_entropy(logits, targets))} | metrics
+    return logit_metrics(sharded_logits(model, images, batch_size, device), labels, prefix)

@@ -47,6 +47,7 @@ from cifake_core.engine import (
     batched_logits,
     evaluate,
     keep_freed_memory_for_reuse,
+    logit_metrics,
     one_cycle_adamw,
     prob_ai,
     resolve_device,
@@ -479,7 +480,7 @@ def _train(config: RunConfig, device: torch.device) -> TrainingResult | None:
         if not distributed.is_main_process():
             return None
         # The kept model's val AUC as exported, with its mirror view when flip_tta is on.
-        best_val_auc = binary_metrics(val_labels, prob_ai(val_logits).numpy(), 0.5, "val")["val_auc"]
+        best_val_auc = logit_metrics(val_logits, splits["val"][1], "val")["val_auc"]
         tracking.log_metrics({"best_epoch": best["epoch"], "best_val_auc": best_val_auc})
         log.info(
             "kept epoch %d: val AUC %.4f as exported (one view: %.4f)", best["epoch"], best_val_auc, best["val_auc"]
