@@ -13,63 +13,28 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
-import time
+import sys
+from pathlib import Path
 
 import torch
 
-from cifake_core.config import ModelConfig
-from cifake_core.depthwise import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.layers import finish, milliseconds, parse_arguments, random_training_inputs, table_cells  # noqa: E402
+from cifake_core.depthwise import (  # noqa: E402
     CpuBackwardDepthwiseConv2d,
     depthwise_input_grad,
     depthwise_weight_grad,
     slices_weight_grad,
 )
-from cifake_core.models import create_model
-
-
-def _milliseconds(work, repeats: int) -> float:
-    work()
-    started = time.perf_counter()
-    for _ in range(repeats):
-        work()
-    return (time.perf_counter() - started) / repeats * 1000
-
-
-def depthwise_inputs(
-    batch_size: int, image_size: int, stem_stride: int
-) -> list[tuple[CpuBackwardDepthwiseConv2d, tuple]]:
-    """Each depthwise layer of the detector with the shape of its input in a training batch."""
-    model, _ = create_model(pretrained="false", pretrained_weights="", stem_stride=stem_stride)
-    layers = [module for module in model.modules() if isinstance(module, CpuBackwardDepthwiseConv2d)]
-    shapes: dict[int, tuple] = {}
-
-    def record(layer, inputs, output):
-        shapes[id(layer)] = tuple(inputs[0].shape)
-
-    hooks = [layer.register_forward_hook(record) for layer in layers]
-    with torch.no_grad():
-        model.eval()(torch.zeros(batch_size, 3, image_size, image_size, dtype=torch.uint8))
-    for hook in hooks:
-        hook.remove()
-    return [(layer, shapes[id(layer)]) for layer in layers]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--image_size", type=int, default=ModelConfig.image_size)
-    parser.add_argument("--stem_stride", type=int, default=ModelConfig.stem_stride, choices=(1, 2))
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--output", default="", help="write the figures to this JSON file")
-    arguments = parser.parse_args()
-
+    arguments = parse_arguments(__doc__.splitlines()[0], repeats=5)
     rows = []
-    generator = torch.Generator().manual_seed(0)
-    for layer, shape in depthwise_inputs(arguments.batch_size, arguments.image_size, arguments.stem_stride):
-        images = torch.randn(shape, generator=generator).contiguous(memory_format=torch.channels_last)
+    for layer, images, generator in random_training_inputs(CpuBackwardDepthwiseConv2d, arguments):
+        shape = tuple(images.shape)
         output = torch.nn.functional.conv2d(images, layer.weight, None, layer.stride, layer.padding, 1, layer.groups)
         grad_output = torch.randn(output.shape, generator=generator)
 
@@ -92,7 +57,7 @@ def main() -> None:
                 "kernel": layer.kernel_size[0],
                 "stride": layer.stride[0],
                 "sliced_in_training": slices_weight_grad(layer.kernel_size, shape),
-            } | {f"{name}_ms": _milliseconds(work, arguments.repeats) for name, work in timed.items()}
+            } | {f"{name}_ms": milliseconds(work, arguments.repeats) for name, work in timed.items()}
         rows.append(row)
         print(f"[bench] {row}", flush=True)
 
@@ -101,11 +66,10 @@ def main() -> None:
         "\n|---|---|---|---|---|---|"
     )
     for row in rows:
-        weight = [f"{row['weight_pytorch_ms']:.1f}", f"{row['weight_sliced_ms']:.1f}"]
-        weight[row["sliced_in_training"]] = f"**{weight[row['sliced_in_training']]}**"
+        pytorch, sliced = table_cells(row["weight_pytorch_ms"], row["weight_sliced_ms"], row["sliced_in_training"])
         print(
             f"| {'x'.join(map(str, row['input']))} | {row['kernel']}, {row['stride']} | {row['input_pytorch_ms']:.1f} "
-            f"| **{row['input_transposed_ms']:.1f}** | {weight[0]} | {weight[1]} |"
+            f"| **{row['input_transposed_ms']:.1f}** | {pytorch} | {sliced} |"
         )
     totals = {
         "all_pytorch_ms": sum(row["input_pytorch_ms"] + row["weight_pytorch_ms"] for row in rows),
@@ -114,17 +78,11 @@ def main() -> None:
             for row in rows
         ),
     }
-    print(
-        f"\nboth gradients, per batch: PyTorch's {totals['all_pytorch_ms']:.0f} ms, "
+    summary = (
+        f"both gradients, per batch: PyTorch's {totals['all_pytorch_ms']:.0f} ms, "
         f"the pipeline's {totals['pipeline_ms']:.0f} ms (bold)"
     )
-    if arguments.output:
-        with open(arguments.output, "w") as handle:
-            json.dump(
-                {"arguments": vars(arguments), "threads": torch.get_num_threads(), "layers": rows, **totals},
-                handle,
-                indent=2,
-            )
+    finish(arguments, rows, totals, summary)
 
 
 if __name__ == "__main__":

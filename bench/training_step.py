@@ -5,8 +5,9 @@ pipeline does, with AdamW and a one-cycle schedule. Measured, each after warm-up
   - the input side alone (index a batch, random flip, move to the device) against a whole step;
   - the baseline: eager fp32, NCHW;
   - channels_last; channels_last with bf16 autocast; both of these under `torch.compile` (`--compile`);
-  - channels_last with the depthwise layers' CPU backward pass (`cifake_core.depthwise`), the
-    pipeline's step (every other variant runs PyTorch's own depthwise convolution);
+  - channels_last with the depthwise layers' CPU backward pass (`cifake_core.depthwise`), and with it the 1x1
+    layers' matrix products on small inputs (`cifake_core.pointwise`): the pipeline's step (every other variant
+    runs PyTorch's own convolutions for the layers whose path its name leaves out);
   - on a GPU, also channels_last reading the loss back every step (`host_sync`: the host waits for the GPU
     at each step, as the pipeline's loop did before it summed on the device) and with `cudnn.benchmark`;
   - on a CPU, `--processes 2` also times two 1-thread processes side by side against one process using
@@ -41,6 +42,11 @@ from cifake_core.config import ModelConfig
 from cifake_core.depthwise import CpuBackwardDepthwiseConv2d
 from cifake_core.engine import keep_freed_memory_for_reuse, random_flip, resolve_device
 from cifake_core.models import create_model
+from cifake_core.pointwise import MatmulPointwiseConv2d
+
+# What the pipeline trains with on a CPU: both of `models.create_model`'s CPU paths (every other variant runs
+# PyTorch's own convolutions for the layers whose path its name leaves out).
+PIPELINE_STEP = "channels_last_depthwise_backward_matmul_pointwise"
 
 
 def _images(count: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,10 +85,10 @@ def step_images_per_second(
     torch.manual_seed(0)
     model, _ = create_model(pretrained="false", pretrained_weights="", stem_stride=stem_stride)
     model = model.to(device)
-    if "depthwise_backward" not in variant:
-        for module in model.modules():
-            if isinstance(module, CpuBackwardDepthwiseConv2d):
-                module.__class__ = torch.nn.Conv2d
+    cpu_paths = {"depthwise_backward": CpuBackwardDepthwiseConv2d, "matmul_pointwise": MatmulPointwiseConv2d}
+    for module in model.modules():
+        if any(isinstance(module, layer) and name not in variant for name, layer in cpu_paths.items()):
+            module.__class__ = torch.nn.Conv2d
     if variant != "eager_fp32":
         model = model.to(memory_format=torch.channels_last)
     torch.backends.cudnn.benchmark = "cudnn_benchmark" in variant
@@ -120,7 +126,7 @@ def _one_thread_worker(arguments: tuple[int, int, int, int, int, bool]) -> dict[
     images, labels = _images(batch_size * 4, image_size, torch.device("cpu"))
     before = resource.getrusage(resource.RUSAGE_SELF)
     speed, _ = step_images_per_second(
-        "channels_last_depthwise_backward", images, labels, batch_size, steps, warmup, torch.device("cpu"), stem_stride
+        PIPELINE_STEP, images, labels, batch_size, steps, warmup, torch.device("cpu"), stem_stride
     )
     after = resource.getrusage(resource.RUSAGE_SELF)
     kernel, user = after.ru_stime - before.ru_stime, after.ru_utime - before.ru_utime
@@ -186,7 +192,8 @@ def main() -> None:
     warmups = {}
     compiled = ["channels_last_compile", "channels_last_bf16_compile"] if arguments.compile else []
     on_cuda = ["channels_last_host_sync", "channels_last_cudnn_benchmark"] if device.type == "cuda" else []
-    variants = ["eager_fp32", "channels_last", *on_cuda, "channels_last_depthwise_backward", "channels_last_bf16"]
+    ours = ["channels_last_depthwise_backward", PIPELINE_STEP]
+    variants = ["eager_fp32", "channels_last", *on_cuda, *ours, "channels_last_bf16"]
     for variant in [*variants, *compiled]:
         results[variant], warmups[variant] = step_images_per_second(
             variant, images, labels, batch_size, steps, warmup, device, arguments.stem_stride

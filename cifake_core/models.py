@@ -28,6 +28,7 @@ from cifake_core.depthwise import use_cpu_backward
 from cifake_core.errors import PretrainedWeightsError
 from cifake_core.files import atomic_path
 from cifake_core.network import host_reachable
+from cifake_core.pointwise import use_matmul_pointwise
 
 ARCHITECTURE = "mobilenetv3_large_100"
 # torchvision's initialisation of MobileNetV3's classifier: starting logits near 0 (loss ln 2).
@@ -172,7 +173,7 @@ def create_model(
 ) -> tuple[ImageClassifier, str]:
     """The detector, and where its starting weights came from (`random`, `hub:...`, `file:...`)."""
     backbone, weights_source = _backbone(pretrained, pretrained_weights)
-    backbone = use_cpu_backward(_init_head(set_stem_stride(backbone, stem_stride)))
+    backbone = use_matmul_pointwise(use_cpu_backward(_init_head(set_stem_stride(backbone, stem_stride))))
     return ImageClassifier(backbone, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, flip_tta), weights_source
 
 

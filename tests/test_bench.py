@@ -1,8 +1,8 @@
 """The premises of the benchmarks: bench/memory.py's repeated dataset survives deduplication with the original's
 pixels; bench/first_steps.py's two heads start where it says; bench/tta.py averages each image's logits over
-its mirror image and over shifts that match training's `translate`; bench/depthwise.py times each depthwise
-layer at the input it gets in training; bench/muon.py orthogonalises the channel-mixing convolutions' updates
-and leaves the rest to AdamW."""
+its mirror image and over shifts that match training's `translate`; bench/depthwise.py and bench/pointwise.py
+time each depthwise and 1x1 layer at the input it gets in training; bench/muon.py orthogonalises the
+channel-mixing convolutions' updates and leaves the rest to AdamW."""
 
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ import torch
 
 from cifake_core.config import TrainConfig
 from cifake_core.data import load_split_arrays, prepare_splits
+from cifake_core.depthwise import CpuBackwardDepthwiseConv2d
 from cifake_core.engine import random_translate
 from cifake_core.models import ImageClassifier, create_model
+from cifake_core.pointwise import MatmulPointwiseConv2d, matmul_pointwise
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -112,10 +114,28 @@ def test_tta_shifts_are_the_translations_training_draws() -> None:
 
 @pytest.mark.parametrize(("stem_stride", "last_side"), [(1, 2), (2, 1)])
 def test_depthwise_bench_records_each_layers_training_input(stem_stride: int, last_side: int) -> None:
-    layers = _bench_module("depthwise").depthwise_inputs(batch_size=3, image_size=32, stem_stride=stem_stride)
+    layers = _bench_module("layers").training_inputs(
+        CpuBackwardDepthwiseConv2d, batch_size=3, image_size=32, stem_stride=stem_stride
+    )
     assert len(layers) == 15
     assert layers[0][1] == (3, 16, 32 // stem_stride, 32 // stem_stride)
     assert layers[-1][1] == (3, 960, last_side, last_side)
+
+
+def test_pointwise_bench_records_each_1x1_layers_training_input_and_times_the_pipelines_path() -> None:
+    layers = _bench_module("layers").training_inputs(MatmulPointwiseConv2d, batch_size=3, image_size=32, stem_stride=1)
+    assert len(layers) == 47
+    assert layers[1][1] == (3, 16, 32, 32)  # blocks.1's expansion: the largest input, left to oneDNN
+    assert layers[-1][1] == (3, 960, 1, 1)  # the head
+    layer, shape = layers[-1]
+    images, grad_output = torch.randn(shape), torch.randn(3, layer.out_channels, 1, 1)
+    forward_backward = _bench_module("pointwise").forward_backward
+    results = [
+        forward_backward(convolution, images, layer.weight, layer.bias, grad_output)
+        for convolution in (torch.nn.functional.conv2d, matmul_pointwise)
+    ]
+    assert len(results[0]) == 4  # the output and the input, weight and bias gradients
+    torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-5)
 
 
 def test_muon_orthogonalises_an_update_whatever_its_shape() -> None:
