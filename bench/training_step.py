@@ -44,8 +44,7 @@ from cifake_core.engine import keep_freed_memory_for_reuse, random_flip, resolve
 from cifake_core.models import create_model
 from cifake_core.pointwise import MatmulPointwiseConv2d
 
-# What the pipeline trains with on a CPU: both of `models.create_model`'s CPU paths (every other variant runs
-# PyTorch's own convolutions for the layers whose path its name leaves out).
+# What the pipeline trains with on a CPU: both of `models.create_model`'s CPU paths.
 PIPELINE_STEP = "channels_last_depthwise_backward_matmul_pointwise"
 
 
@@ -192,8 +191,8 @@ def main() -> None:
     warmups = {}
     compiled = ["channels_last_compile", "channels_last_bf16_compile"] if arguments.compile else []
     on_cuda = ["channels_last_host_sync", "channels_last_cudnn_benchmark"] if device.type == "cuda" else []
-    ours = ["channels_last_depthwise_backward", PIPELINE_STEP]
-    variants = ["eager_fp32", "channels_last", *on_cuda, *ours, "channels_last_bf16"]
+    cpu_path_variants = ["channels_last_depthwise_backward", PIPELINE_STEP]
+    variants = ["eager_fp32", "channels_last", *on_cuda, *cpu_path_variants, "channels_last_bf16"]
     for variant in [*variants, *compiled]:
         results[variant], warmups[variant] = step_images_per_second(
             variant, images, labels, batch_size, steps, warmup, device, arguments.stem_stride

@@ -15,6 +15,7 @@ Usage:
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 # oneDNN's time over the matrix products', per layer, forward and backward, batch 128, one AVX2 core: 1x1 inputs
 # 1.8-3.1x, 2x2 1.25-1.38x, 4x4 0.91-1.11x, 8x8 and larger 0.21-0.79x. The whole step measured the same with the
@@ -41,12 +42,12 @@ class _MatmulPointwise(torch.autograd.Function):
     @staticmethod
     def forward(ctx, images, weight, bias):
         ctx.save_for_backward(images, weight)
-        ctx.has_bias = bias is not None
         matrix = weight.view(weight.shape[:2])
         output = _channels_last_product(_rows(images), matrix.t(), images, weight.shape[0])
         return output if bias is None else output.add_(bias.view(1, -1, 1, 1))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output):
         images, weight = ctx.saved_tensors
         grad_rows = _rows(grad_output)
@@ -55,9 +56,10 @@ class _MatmulPointwise(torch.autograd.Function):
             grad_images = _channels_last_product(grad_rows, weight.view(weight.shape[:2]), images, weight.shape[1])
         if ctx.needs_input_grad[1]:
             # In the weight's own strides: DDP's gradient buckets copy each parameter's strides and warn, at
-            # every run, about a gradient with other ones.
-            grad_weight = torch.empty_like(weight).copy_((grad_rows.t() @ _rows(images)).view(weight.shape))
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+            # every run, about a gradient with other ones. A 1x1 weight's memory is (out, in) in either layout.
+            grad_weight = torch.empty_like(weight)
+            torch.mm(grad_rows.t(), _rows(images), out=grad_weight.view(weight.shape[:2]))
+        if ctx.needs_input_grad[2]:
             grad_bias = grad_rows.sum(0)
         return grad_images, grad_weight, grad_bias
 
@@ -69,11 +71,13 @@ def matmul_pointwise(images: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 
 class MatmulPointwiseConv2d(torch.nn.Conv2d):
-    """A plain 1x1 `torch.nn.Conv2d` that, while training on a CPU on inputs of at most `MATMUL_MAX_PIXELS`
-    pixels, runs forward and backward as matrix products."""
+    """A plain 1x1 `torch.nn.Conv2d` that, while training on a CPU (without autocast) on inputs of at most
+    `MATMUL_MAX_PIXELS` pixels, runs forward and backward as matrix products."""
 
     def _conv_forward(self, images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.training and images.device.type == "cpu" and images.shape[-2] * images.shape[-1] <= MATMUL_MAX_PIXELS:
+        small = images.shape[-2] * images.shape[-1] <= MATMUL_MAX_PIXELS
+        # Under autocast conv2d would compute in bf16; the matrix products here would not follow it.
+        if self.training and images.device.type == "cpu" and small and not torch.is_autocast_enabled("cpu"):
             return matmul_pointwise(images, weight, bias)
         return super()._conv_forward(images, weight, bias)
 

@@ -52,13 +52,15 @@ def test_a_training_layer_on_a_small_input_gives_pytorchs_output_and_gradients(
     assert results[1][0].is_contiguous(memory_format=torch.channels_last)
 
 
-def test_larger_inputs_and_evaluation_run_pytorchs_convolution(monkeypatch):
+def test_larger_inputs_evaluation_and_autocast_run_pytorchs_convolution(monkeypatch):
     calls = _counting_products(monkeypatch)
     _, fast = _layers(bias=True)
     larger = 5  # 25 pixels: above the limit
     assert larger * larger > MATMUL_MAX_PIXELS
     fast.train()(torch.randn(2, 12, larger, larger))
     fast.eval()(torch.randn(2, 12, 2, 2))  # evaluation (Grad-CAM, export) runs PyTorch's own convolution
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fast.train()(torch.randn(2, 12, 2, 2)).dtype == torch.bfloat16
     assert calls == []
 
 
@@ -79,6 +81,7 @@ def test_the_detector_swaps_only_its_1x1_layers_keeps_timms_names_and_trains_to_
     plain = timm.create_model("mobilenetv3_large_100", pretrained=False, num_classes=2)
     assert list(model.backbone.state_dict()) == list(plain.state_dict())
 
+    calls = _counting_products(monkeypatch)
     model = model.to(memory_format=torch.channels_last).train()
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
     labels = torch.tensor([0, 1, 0, 1])
@@ -88,4 +91,5 @@ def test_the_detector_swaps_only_its_1x1_layers_keeps_timms_names_and_trains_to_
         model.zero_grad()
         F.cross_entropy(model(images), labels).backward()
         gradients.append([parameter.grad.clone() for parameter in model.parameters()])
+    assert len(calls) == 35  # the layers on 4x4, 2x2 and 1x1 inputs, in the second pass only
     torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-4, atol=1e-5)
