@@ -31,9 +31,8 @@ def _rows(images: torch.Tensor) -> torch.Tensor:
 def _channels_last_product(left: torch.Tensor, right: torch.Tensor, like: torch.Tensor, channels: int) -> torch.Tensor:
     """`left @ right`, whose rows are the pixels of an image batch shaped as `like` with `channels` channels,
     written straight into a channels-last tensor: its own storage, not a view, so in-place activations may follow."""
-    result = torch.empty((like.shape[0], channels, *like.shape[2:]), dtype=left.dtype, device=left.device).contiguous(
-        memory_format=torch.channels_last
-    )
+    shape = (like.shape[0], channels, *like.shape[2:])
+    result = torch.empty(shape, dtype=left.dtype, device=left.device, memory_format=torch.channels_last)
     torch.mm(left, right, out=result.permute(0, 2, 3, 1).view(-1, channels))
     return result
 
