@@ -1,11 +1,11 @@
 """Depthwise backward benchmark: PyTorch's gradients (oneDNN on a CPU) against `cifake_core.depthwise`'s, layer by
 layer, for every depthwise convolution of the detector at its training input size.
 
-Each layer's input shape is recorded from one forward pass of a batch; then, on random tensors of those shapes
-(after one warm-up call each), the input gradient is timed as PyTorch's and as a transposed convolution, and
-the weight gradient as PyTorch's and as slices, each pair checked to agree. `sliced` marks the layers whose weight
-gradient the pipeline slices (kernel larger than input); the totals say what a training step spends on these
-gradients either way.
+Each layer's input shape is recorded from one forward pass of a batch; then, on random channels-last tensors of
+those shapes, as in training (after one warm-up call each), the input gradient is timed as PyTorch's and as a
+transposed convolution, and the weight gradient as PyTorch's and as slices, each pair checked to agree. `sliced`
+marks the layers whose weight gradient the pipeline slices (kernel larger than input); the totals say what a
+training step spends on these gradients either way.
 
 Usage:
     OMP_NUM_THREADS=1 .venv/bin/python bench/depthwise.py --stem_stride 1 --output depthwise.json
@@ -36,7 +36,7 @@ def main() -> None:
     for layer, images, generator in random_training_inputs(CpuBackwardDepthwiseConv2d, arguments):
         shape = tuple(images.shape)
         output = torch.nn.functional.conv2d(images, layer.weight, None, layer.stride, layer.padding, 1, layer.groups)
-        grad_output = torch.randn(output.shape, generator=generator)
+        grad_output = torch.randn(output.shape, generator=generator).contiguous(memory_format=torch.channels_last)
 
         layout = (layer.stride, layer.padding)
         timed = {

@@ -38,7 +38,7 @@ def main() -> None:
     rows = []
     for layer, images, generator in random_training_inputs(MatmulPointwiseConv2d, arguments):
         shape = tuple(images.shape)
-        weight = layer.weight.detach().contiguous(memory_format=torch.channels_last)
+        weight = layer.weight.detach()
         bias = None if layer.bias is None else layer.bias.detach()
         output_shape = (shape[0], layer.out_channels, *shape[2:])
         grad_output = torch.randn(output_shape, generator=generator).contiguous(memory_format=torch.channels_last)
