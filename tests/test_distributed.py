@@ -5,6 +5,7 @@ Everything runs on CPU processes (gloo); the same code takes NCCL on GPUs.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -21,10 +22,12 @@ from mlflow import MlflowClient
 from cifake_core import distributed
 from cifake_core.config import RunConfig
 from cifake_core.data import load_split_arrays, prepare_splits
+from cifake_core.depthwise import CpuBackwardDepthwiseConv2d
 from cifake_core.engine import predict_logits, prob_ai
 from cifake_core.metrics import binary_metrics
-from cifake_core.models import load_checkpoint
+from cifake_core.models import create_model, load_checkpoint
 from cifake_core.network import free_port
+from cifake_core.pointwise import MatmulPointwiseConv2d
 from cifake_core.tracking import run_json_artifact
 from tests.servers import child_environment
 
@@ -72,6 +75,41 @@ def test_alone_the_helpers_are_the_identity():
     assert sorted(sampler) == list(range(5))  # one process keeps every sample, odd counts included
     model = torch.nn.Linear(2, 2)
     assert distributed.wrap(model, torch.device("cpu")) is model
+
+
+def _averaged_gradients(rank: int, port: int, results: dict) -> None:
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)  # the same starting weights on both ranks, as DDP broadcasts them
+        model, _ = create_model(pretrained="false", pretrained_weights="", stem_stride=1)
+        model = model.to(memory_format=torch.channels_last).train()
+        plain = copy.deepcopy(model)
+        for module in plain.modules():
+            if type(module) in (CpuBackwardDepthwiseConv2d, MatmulPointwiseConv2d):
+                module.__class__ = torch.nn.Conv2d
+        generator = torch.Generator().manual_seed(rank)  # each rank its own batch
+        images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=generator)
+        labels = torch.randint(0, 2, (8,), generator=generator)
+        for name, network in (("cpu_paths", model), ("conv2d", plain)):
+            parallel = distributed.wrap(network, torch.device("cpu"))
+            torch.nn.functional.cross_entropy(
+                parallel(images.contiguous(memory_format=torch.channels_last)), labels
+            ).backward()
+            results[(rank, name)] = torch.cat([parameter.grad.flatten() for parameter in network.parameters()])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_cpu_training_paths_give_ddp_the_averaged_gradients_of_plain_convolutions():
+    """The depthwise backward pass and the 1x1 matrix products, under DistributedDataParallel as `torchrun` trains:
+    both ranks end the step with the gradients that plain `torch.nn.Conv2d` layers give, averaged over the ranks."""
+    results = mp.Manager().dict()
+    mp.spawn(_averaged_gradients, args=(free_port(), results), nprocs=WORLD)
+    expected = results[(0, "conv2d")]
+    assert torch.equal(results[(1, "conv2d")], expected)  # DDP averaged them: one gradient on both ranks
+    for rank in range(WORLD):
+        torch.testing.assert_close(results[(rank, "cpu_paths")], expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow
