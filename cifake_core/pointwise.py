@@ -2,7 +2,7 @@
 
 At 32 px most of MobileNetV3-Large's 1x1 convolutions see 4x4, 2x2 or 1x1 inputs (the squeeze-excite layers and
 the 960 -> 1280 head run on one pixel). There oneDNN's convolution is slow: its forward and backward passes take
-up to 3.1x the time of the same arithmetic done as matrix products over the channels-last pixels (the head 3.1x).
+up to 4x the time of the same arithmetic done as matrix products over the channels-last pixels (the head 3.4x).
 `use_matmul_pointwise` gives a network's 1x1 convolutions that path on inputs of at most `MATMUL_MAX_PIXELS`
 pixels, where oneDNN is not faster: 1.12x the whole training step (docs/BENCHMARKS.md, "1x1 convolutions on small
 inputs as matrix products"). It applies only while training on a CPU, so evaluation, ONNX export, Grad-CAM and
@@ -18,8 +18,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 # oneDNN's time over the matrix products', per layer, forward and backward, batch 128, one AVX2 core: 1x1 inputs
-# 1.8-3.1x, 2x2 1.25-1.38x, 4x4 0.91-1.11x, 8x8 and larger 0.21-0.79x. The whole step measured the same with the
-# limit at 4 pixels and at 16.
+# 1.2-4.0x, 2x2 1.28-1.47x, 4x4 0.98-1.30x, 8x8 0.84-1.03x (0.89x all six together), larger 0.36-0.84x. The whole
+# step measured the same with the limit at 4 pixels and at 16.
 MATMUL_MAX_PIXELS = 16
 
 
