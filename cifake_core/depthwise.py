@@ -1,13 +1,14 @@
 """A faster backward pass for depthwise convolutions while training on a CPU.
 
-oneDNN's backward pass for depthwise convolutions has two slow paths on this project's CPU (docs/BENCHMARKS.md,
-"The depthwise backward pass"). Its weight gradient, for a layer whose kernel is larger than its input (at 32 px:
-MobileNetV3-Large's last 5x5 layers, on 4x4 and 2x2 inputs), takes 75-95 ms a batch of 128 on one core, against
-6-8 ms for summing one kernel tap at a time over strided slices of the input; and its input gradient is mostly
-slower than a transposed convolution, which computes the same thing (up to 2x at this network's layers; at one
-layer 5% faster). `use_cpu_backward` gives a network's depthwise layers that backward pass: 1.57x the whole
-training step at 32 px. It applies only while training on a CPU, so evaluation, ONNX export, Grad-CAM and GPUs run plain
-`torch.nn.Conv2d`, and the parameters and their state-dict names stay as they are.
+oneDNN's backward pass for depthwise convolutions has two slow paths on this project's CPU
+(docs/BENCHMARKS.md, "The depthwise backward pass"). Its weight gradient, for a layer whose kernel is larger
+than its input (at 32 px: MobileNetV3-Large's last 5x5 layers, on 4x4 and 2x2 inputs), takes 75-95 ms a batch
+of 128 on one core, against 6-8 ms for summing one kernel tap at a time over strided slices of the input; and
+its input gradient is mostly slower than a transposed convolution, which computes the same thing (up to 2x at
+this network's layers; at one layer 5% faster). `use_cpu_backward` gives a network's depthwise layers that
+backward pass: 1.57x the whole training step at 32 px. It applies only while training on a CPU, so evaluation,
+ONNX export, Grad-CAM and GPUs run plain `torch.nn.Conv2d`, and the parameters and their state-dict names stay
+as they are.
 
 Usage:
     backbone = use_cpu_backward(timm.create_model("mobilenetv3_large_100"))

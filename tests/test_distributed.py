@@ -90,12 +90,11 @@ def _averaged_gradients(rank: int, port: int, results: dict) -> None:
                 module.__class__ = torch.nn.Conv2d
         generator = torch.Generator().manual_seed(rank)  # each rank its own batch
         images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=generator)
+        images = images.contiguous(memory_format=torch.channels_last)  # as the pipeline feeds a CPU model
         labels = torch.randint(0, 2, (8,), generator=generator)
         for name, network in (("cpu_paths", model), ("conv2d", plain)):
             parallel = distributed.wrap(network, torch.device("cpu"))
-            torch.nn.functional.cross_entropy(
-                parallel(images.contiguous(memory_format=torch.channels_last)), labels
-            ).backward()
+            torch.nn.functional.cross_entropy(parallel(images), labels).backward()
             results[(rank, name)] = torch.cat([parameter.grad.flatten() for parameter in network.parameters()])
     finally:
         dist.destroy_process_group()
