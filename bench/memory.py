@@ -91,6 +91,7 @@ def measure(data_dir: Path, train_seconds: float, num_workers: int, folder: Path
     command = [
         sys.executable, str(ROOT / "experiments" / "stage.py"), "train", "--data_dir", str(data_dir),
         "--epochs", "1", "--num_workers", str(num_workers), "--promote", "never", "--experiment_name", EXPERIMENT,
+        "--processes", "1",  # the training in the child itself, whose peak wait4 reports
     ]  # fmt: skip
     started = time.perf_counter()
     child = subprocess.Popen(command, cwd=folder, env=environment, stdout=subprocess.DEVNULL)

@@ -51,7 +51,9 @@ def run_recipe(recipe: str, common: list[str], folder: str) -> dict:
     """Train one recipe in a child process working in `folder` (its store and artifacts); its logged figures."""
     Path(folder).mkdir(parents=True, exist_ok=True)
     store = f"sqlite:///{folder}/recipe.db"
-    command = [sys.executable, str(ROOT / "experiments" / "stage.py"), "train", *common, *_overrides(recipe)]
+    # One process a recipe (`--processes 1`), whatever the cores: its figures and peak memory are that process's.
+    command = [sys.executable, str(ROOT / "experiments" / "stage.py"), "train", "--processes", "1", *common]
+    command += _overrides(recipe)
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     environment = {**os.environ, "MLFLOW_TRACKING_URI": store, "PYTHONPATH": path}
     started = time.perf_counter()

@@ -14,6 +14,7 @@ Usage:
     cifake predict photos/ --output results.csv --explain gradcam/
     cifake dashboard --port 8501
     cifake server --backend_store_uri postgresql://mlflow@db:5432/mlflow --artifacts_destination s3://bucket/mlflow
+    cifake train --processes 1                                          # on a CPU: one process, not the auto 2
     torchrun --nproc_per_node 4 experiments/stage.py train --epochs 8   # the same train, data-parallel
 """
 
@@ -137,7 +138,7 @@ def _raise_keyboard_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _run(arguments: argparse.Namespace) -> int | None:
+def _run(arguments: argparse.Namespace, argv: Sequence[str]) -> int | None:
     if arguments.stage == "serve":
         return _serve(arguments)
     if arguments.stage == "predict":
@@ -151,6 +152,15 @@ def _run(arguments: argparse.Namespace) -> int | None:
     from cifake_core import pipeline
 
     if arguments.stage == "train":
+        from cifake_core import distributed
+        from cifake_core.engine import resolve_device
+
+        if not distributed.launched_by_torchrun():
+            device_type = resolve_device(config.train.device).type
+            processes = distributed.process_count(config.train.processes, device_type, distributed.usable_cores())
+            if processes > 1:
+                pipeline.check_training_data(config)
+                return distributed.run_processes(processes, argv)
         result = pipeline.train(config)
         if result is None:  # a torchrun rank other than 0: rank 0 reports
             return None
@@ -263,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("cifake_core").setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
-        status = _run(arguments)
+        status = _run(arguments, sys.argv[1:] if argv is None else argv)
     except (CifakeError, OSError) as error:  # OSError: a folder or file the user named that cannot be written
         print(f"cifake {arguments.stage}: error: {error}", file=sys.stderr)
         return 2

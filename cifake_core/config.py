@@ -101,6 +101,13 @@ class TrainConfig:
         default=1.0, metadata=_help("largest gradient norm a step applies (larger ones scaled down); 0 = no clipping")
     )
     device: str = field(default="auto", metadata=_help("auto|cpu|cuda|cuda:N|mps"))
+    processes: int = field(
+        default=0,
+        metadata=_help(
+            "training processes this command starts on this machine, one torchrun group (data-parallel); 0 = auto: "
+            "2 on a CPU with at least 2 cores, else 1; ignored when torchrun started this process"
+        ),
+    )
     num_workers: int = field(
         default=-1, metadata=_help("processes that decode images; 0 = in-process, -1 = one per available CPU core")
     )
@@ -245,6 +252,7 @@ def _check(values: dict[str, Any]) -> None:
         ("label_smoothing", 0.0 <= values["label_smoothing"] <= 0.5, "between 0 and 0.5, e.g. 0.1"),
         ("grad_clip_norm", values["grad_clip_norm"] >= 0.0, "0 (no clipping) or a positive norm, e.g. 1.0"),
         ("device", bool(_DEVICE_PATTERN.match(values["device"])), "auto, cpu, cuda, cuda:N or mps"),
+        ("processes", values["processes"] >= 0, "0 (auto) or a number of processes, e.g. 1 for this process only"),
         ("num_workers", values["num_workers"] >= -1, "-1 (one per core), 0 (in-process) or a number of processes"),
         (
             "translate",

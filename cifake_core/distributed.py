@@ -4,6 +4,9 @@ One code path serves one process and many: every helper here is the identity whe
 (no torchrun), so `pipeline.train` never branches on the world size except to let rank 0 alone talk to
 MLflow and write files. Backend: NCCL when each process has a CUDA device, gloo on CPUs.
 
+`run_processes` is how `cifake train` starts such a group on one machine by itself (`processes`, 2 on a CPU by
+default); torchrun started by hand does the same across machines.
+
 Usage (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT):
     with process_group(resolve_device("auto")) as device:
         sampler = epoch_sampler(len(train_images), seed=42)
@@ -15,9 +18,14 @@ Usage (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT):
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
+import logging
 import os
-from collections.abc import Iterator
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -25,11 +33,62 @@ from torch.utils.data import DistributedSampler
 
 from cifake_core.errors import DeviceError
 
+log = logging.getLogger(__name__)
+
 # Ranks other than 0 wait at a barrier while rank 0 evaluates, exports and registers the model, which on the
 # full CIFAKE test split with its robustness report takes many minutes on a CPU: the default 10-30 minute
 # collective timeout would kill a healthy run. A crashed rank still ends the job at once: torchrun stops the
 # others.
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=6)
+
+
+# On a 2-core CPU two 1-thread processes train 1.17x as fast as one 2-thread process (at 32 px the layers are too
+# small to split well across threads; docs/BENCHMARKS.md, "`train` starts the two processes itself"), and their two
+# batches of 128 make the global batch of 256 that the recipe was measured with, a GPU's single batch.
+CPU_PROCESSES = 2
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, as `taskset` or a container sets it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def process_count(processes: int, device_type: str, cores: int) -> int:
+    """The training processes to start: `processes`, or for 0 (auto) `CPU_PROCESSES` on a CPU with at least that
+    many cores and one otherwise (a GPU, Apple's MPS, a one-core machine)."""
+    count = processes or (CPU_PROCESSES if device_type == "cpu" and cores >= CPU_PROCESSES else 1)
+    if count > 1 and device_type == "mps":
+        raise DeviceError(f"processes={count} on Apple MPS is not supported by PyTorch: pass processes=1 or device=cpu")
+    return count
+
+
+def _terminate_with_parent() -> None:
+    """Have the kernel send this process SIGTERM when its parent dies, even by SIGKILL, so that the training
+    processes never outlive the `cifake train` that started them (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
+def run_processes(count: int, arguments: Sequence[str]) -> int:
+    """Run `cifake ARGUMENTS` as `count` processes of one torchrun group on this machine and wait; returns torchrun's
+    exit status. Each process gets an equal share of the cores as threads unless OMP_NUM_THREADS is set. Ctrl-C or
+    SIGTERM here (a KeyboardInterrupt) is passed on as SIGTERM, and so is this process's death by SIGKILL, so rank 0
+    still ends its MLflow run KILLED."""
+    threads = os.environ.get("OMP_NUM_THREADS", str(max(1, usable_cores() // count)))
+    environment = os.environ | {"OMP_NUM_THREADS": threads}
+    log.info("training as %d processes of %s thread(s) each (processes=1: this process alone)", count, threads)
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={count}"]
+        + ["-m", "cifake_core.cli", *arguments],
+        env=environment,
+        preexec_fn=_terminate_with_parent,  # torchrun passes SIGTERM on to the processes it started
+    )
+    try:
+        return launcher.wait()
+    except KeyboardInterrupt:
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait()
+        raise
 
 
 def world_size() -> int:

@@ -179,6 +179,15 @@ def _check_memory(image_count: int, image_size: int) -> None:
         )
 
 
+def check_training_data(config: RunConfig) -> None:
+    """The checks `train` makes of its data before training (the folder, every file, the splits, the memory), for
+    the process that starts the training processes: a mistake is then one message from it, not one from each
+    process amid torchrun's report, and the scan cache it writes spares them reading the files again."""
+    root, name = resolve_dataset(config.data.data_dir)
+    prepared = prepare(root, name, config.data, config.train.num_workers)
+    _check_memory(len(prepared.manifest), config.model.image_size)
+
+
 def eval_batch_size(device: torch.device) -> int:
     return CPU_EVAL_BATCH_SIZE if device.type == "cpu" else GPU_EVAL_BATCH_SIZE
 
@@ -426,8 +435,10 @@ def train(config: RunConfig) -> TrainingResult | None:
 
 
 def _train(config: RunConfig, device: torch.device) -> TrainingResult | None:
-    # Logged, checkpointed and trained with the batch size this device gets, never the `0` that chose it.
-    config = dataclasses.replace(config, train=config.train.for_device(device.type))
+    # Logged, checkpointed and trained with the batch size this device gets and the processes that train, never
+    # the `0`s that chose them.
+    train_config = dataclasses.replace(config.train.for_device(device.type), processes=distributed.world_size())
+    config = dataclasses.replace(config, train=train_config)
     if device.type == "cpu":
         keep_freed_memory_for_reuse()
     with distributed.local_main_first():  # the demo data is generated once per node

@@ -24,6 +24,7 @@ from cifake_core.config import RunConfig
 from cifake_core.data import load_split_arrays, prepare_splits
 from cifake_core.depthwise import CpuBackwardDepthwiseConv2d
 from cifake_core.engine import predict_logits, prob_ai
+from cifake_core.errors import DeviceError
 from cifake_core.metrics import binary_metrics
 from cifake_core.models import create_model, load_checkpoint
 from cifake_core.network import free_port
@@ -75,6 +76,18 @@ def test_alone_the_helpers_are_the_identity():
     assert sorted(sampler) == list(range(5))  # one process keeps every sample, odd counts included
     model = torch.nn.Linear(2, 2)
     assert distributed.wrap(model, torch.device("cpu")) is model
+
+
+def test_the_process_count_is_two_on_a_cpu_with_two_cores_one_elsewhere_and_as_asked_when_set():
+    assert distributed.process_count(0, "cpu", cores=2) == 2
+    assert distributed.process_count(0, "cpu", cores=16) == 2  # the recipe's global batch, not one a core
+    assert distributed.process_count(0, "cpu", cores=1) == 1
+    assert distributed.process_count(0, "cuda", cores=64) == 1
+    assert distributed.process_count(0, "mps", cores=8) == 1
+    assert distributed.process_count(3, "cpu", cores=2) == 3
+    assert distributed.process_count(1, "cpu", cores=2) == 1
+    with pytest.raises(DeviceError, match="processes=2 on Apple MPS"):
+        distributed.process_count(2, "mps", cores=8)
 
 
 def _averaged_gradients(rank: int, port: int, results: dict) -> None:
@@ -145,3 +158,23 @@ def test_torchrun_on_two_cpu_processes_logs_one_run_and_one_version(tiny_demo: P
     single = binary_metrics(labels, scores, threshold, "test")
     for key in ("test_auc", "test_f1", "test_accuracy"):
         assert single[key] == pytest.approx(run.data.metrics[key], abs=1e-6), key
+
+
+def test_train_starts_its_own_process_group_and_rank_0_alone_reports(tiny_demo: Path, tracking_store: str):
+    """`cifake train` without torchrun, as `mlflow run` calls it, with `processes=2` (the auto count on a CPU with two
+    cores): one run, trained by two processes, and one result printed."""
+    flags = ["--data_dir", str(tiny_demo), "--epochs", "1", "--batch_size", "16", "--num_workers", "0"]
+    done = subprocess.run(
+        [sys.executable, "-m", "cifake_core.cli", "train", *flags, "--device", "cpu", "--processes", "2"],
+        env=child_environment(MLFLOW_TRACKING_URI=tracking_store),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count('"run_id"') == 1
+    result = json.loads(done.stdout[done.stdout.index("{\n") :])
+    (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("cifake").experiment_id])
+    assert run.info.status == "FINISHED" and result["run_id"] == run.info.run_id
+    assert run.data.params["processes"] == "2"  # the world size the workers joined, not the flag echoed

@@ -450,6 +450,22 @@ def test_a_missing_data_dir_is_one_clear_line_and_starts_no_run(tmp_path: Path, 
     )
 
 
+def test_a_data_mistake_is_one_line_from_train_before_it_starts_any_training_process(
+    tiny_demo: Path, tmp_path: Path, tracking_store: str, capsys
+):
+    few = tmp_path / "few"
+    for split in ("train", "test"):
+        for folder in ("FAKE", "REAL"):
+            (few / split / folder).mkdir(parents=True)
+            for image in sorted((tiny_demo / split / folder).iterdir())[:2]:
+                (few / split / folder / image.name).write_bytes(image.read_bytes())
+    flags = ["--data_dir", str(few), "--num_workers", "0", "--device", "cpu", "--processes", "2"]
+    assert main(["train", *flags]) == 2
+    error = capsys.readouterr().err
+    assert "too few real images in train (2)" in error and "Traceback" not in error
+    assert mlflow.get_experiment_by_name("cifake") is None
+
+
 def test_promoting_a_missing_version_is_a_clear_error(tracking_store: str, capsys):
     assert main(["promote", "--version", "7"]) == 2
     assert "has no version '7'" in capsys.readouterr().err
@@ -461,7 +477,15 @@ def _subprocess_env(tracking_store: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_sigterm_mid_training_ends_the_run_killed(tiny_demo: Path, tracking_store: str):
+@pytest.mark.parametrize(
+    ("processes", "stop", "status"),
+    [("1", signal.SIGTERM, 130), ("2", signal.SIGTERM, 130), ("2", signal.SIGKILL, -signal.SIGKILL)],
+)
+def test_stopping_training_mid_run_ends_the_run_killed(
+    tiny_demo: Path, tracking_store: str, processes: str, stop: signal.Signals, status: int
+):
+    """SIGTERM in one process; through the process group `train` starts itself, SIGTERM and even SIGKILL of the
+    launcher, whose torchrun the kernel then sends SIGTERM: no training outlives it, and no run stays RUNNING."""
     command = [
         sys.executable,
         "-m",
@@ -475,6 +499,8 @@ def test_sigterm_mid_training_ends_the_run_killed(tiny_demo: Path, tracking_stor
         "16",
         "--num_workers",
         "0",
+        "--processes",
+        processes,
     ]
     process = subprocess.Popen(
         command, env=_subprocess_env(tracking_store), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -488,11 +514,11 @@ def test_sigterm_mid_training_ends_the_run_killed(tiny_demo: Path, tracking_stor
                 break
             time.sleep(1)
         assert process.poll() is None, process.stdout.read()
-        process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=120)
+        process.send_signal(stop)
+        output, _ = process.communicate(timeout=120)  # the output ends when every process writing it has ended
     finally:
         process.kill()
-    assert process.returncode == 130, output
+    assert process.returncode == status, output
     assert MlflowClient().get_run(runs[0].info.run_id).info.status == "KILLED"
 
 

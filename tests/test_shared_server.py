@@ -131,7 +131,8 @@ def test_a_lock_left_by_a_dead_holder_is_broken(server: str, monkeypatch: pytest
 
 def test_a_training_killed_outright_leaves_the_server_up_and_its_run_is_ended_later(server: str, tiny_demo: Path):
     experiment = "killed"
-    process = _train(server, tiny_demo, "--experiment_name", experiment, "--epochs", "50")
+    # One process: a process group's launcher killed outright still stops its training cleanly (test_pipeline).
+    process = _train(server, tiny_demo, "--experiment_name", experiment, "--epochs", "50", "--processes", "1")
     deadline = time.monotonic() + 300
     while not (mlflow.get_experiment_by_name(experiment) and _runs(experiment)):
         assert process.poll() is None and time.monotonic() < deadline
