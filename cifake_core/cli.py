@@ -153,11 +153,12 @@ def _run(arguments: argparse.Namespace, argv: Sequence[str]) -> int | None:
 
     if arguments.stage == "train":
         from cifake_core import distributed
+        from cifake_core.data import usable_cores
         from cifake_core.engine import resolve_device
 
         if not distributed.launched_by_torchrun():
             device_type = resolve_device(config.train.device).type
-            processes = distributed.process_count(config.train.processes, device_type, distributed.usable_cores())
+            processes = distributed.process_count(config.train.processes, device_type, usable_cores())
             if processes > 1:
                 pipeline.check_training_data(config)
                 return distributed.run_processes(processes, argv)

@@ -120,9 +120,15 @@ def _inspect_file(path: Path) -> tuple[str, str]:
     return digest, ""
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, as `taskset` or a container sets it; all of them where
+    the platform has no affinity, as on macOS)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def worker_count(num_workers: int) -> int:
     """`num_workers` as a number of processes: -1 means one per CPU core this process may run on."""
-    return len(os.sched_getaffinity(0)) if num_workers == -1 else num_workers
+    return usable_cores() if num_workers == -1 else num_workers
 
 
 def _parallel_map(function: Callable, items: Sequence, num_workers: int) -> Iterable:

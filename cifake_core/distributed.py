@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
+from cifake_core.data import usable_cores
 from cifake_core.errors import DeviceError
 
 log = logging.getLogger(__name__)
@@ -46,11 +47,6 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(hours=6)
 # small to split well across threads; docs/BENCHMARKS.md, "`train` starts the two processes itself"), and their two
 # batches of 128 make the global batch of 256 that the recipe was measured with, a GPU's single batch.
 CPU_PROCESSES = 2
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity, as `taskset` or a container sets it)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def process_count(processes: int, device_type: str, cores: int) -> int:
