@@ -26,11 +26,12 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from cifake_core.config import FIELD_TYPES, FIELDS, RunConfig, load_config
-from cifake_core.errors import CifakeError, ConfigError
+from cifake_core.errors import LAUNCHER_REPORTS_ERRORS, CifakeError, ConfigError
 
 DEFAULT_MODEL_URI = "models:/cifake-detector@production"
 _EVALUATE_FIELDS = ("data_dir", "max_test_per_class", "seed", "num_workers", "experiment_name", "eval_dirs")
@@ -267,19 +268,38 @@ def _dashboard(arguments: argparse.Namespace) -> None:
     )
 
 
+def _log_level(environment: Mapping[str, str]) -> int:
+    """Under torchrun rank 0 speaks for all. The processes of one node meet the same data and model problems, so
+    only the first of each node warns (once per node, as it alone writes that node's caches); the others report
+    errors alone."""
+    if environment.get("RANK", "0") == "0":
+        return logging.INFO
+    return logging.WARNING if environment.get("LOCAL_RANK", "0") == "0" else logging.ERROR
+
+
+def _launcher_error_file() -> str | None:
+    """In a training process that `cifake train` started (`distributed.run_processes`), torchrun's error file for
+    it, whose message the launching process prints; elsewhere None."""
+    return os.environ.get("TORCHELASTIC_ERROR_FILE") if os.environ.get(LAUNCHER_REPORTS_ERRORS) else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s")
-    # Under torchrun rank 0 speaks for all; the other ranks report only problems.
-    logging.getLogger("cifake_core").setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
+    logging.getLogger("cifake_core").setLevel(_log_level(os.environ))
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         status = _run(arguments, sys.argv[1:] if argv is None else argv)
     except (CifakeError, OSError) as error:  # OSError: a folder or file the user named that cannot be written
-        print(f"cifake {arguments.stage}: error: {error}", file=sys.stderr)
+        message = f"cifake {arguments.stage}: error: {error}"
+        if error_file := _launcher_error_file():
+            Path(error_file).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
+        else:
+            print(message, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"cifake {arguments.stage}: interrupted; any open MLflow run was ended as KILLED", file=sys.stderr)
+        if not _launcher_error_file():  # the launcher tells of the interruption, or of the failure that caused it
+            print(f"cifake {arguments.stage}: interrupted; any open MLflow run was ended as KILLED", file=sys.stderr)
         return 130
     return status or 0
 

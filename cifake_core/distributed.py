@@ -5,7 +5,8 @@ One code path serves one process and many: every helper here is the identity whe
 MLflow and write files. Backend: NCCL when each process has a CUDA device, gloo on CPUs.
 
 `run_processes` is how `cifake train` starts such a group on one machine by itself (`processes`, 2 on a CPU by
-default); torchrun started by hand does the same across machines.
+default), through `python -m cifake_core.distributed`: torchrun, with a failure told in one line (`torchrun`).
+torchrun started by hand does the same across machines.
 
 Usage (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT):
     with process_group(resolve_device("auto")) as device:
@@ -26,13 +27,17 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
 from cifake_core.data import usable_cores
-from cifake_core.errors import DeviceError
+from cifake_core.errors import LAUNCHER_REPORTS_ERRORS, DeviceError
+
+if TYPE_CHECKING:
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +76,10 @@ def run_processes(count: int, arguments: Sequence[str]) -> int:
     SIGTERM here (a KeyboardInterrupt) is passed on as SIGTERM, and so is this process's death by SIGKILL, so rank 0
     still ends its MLflow run KILLED."""
     threads = os.environ.get("OMP_NUM_THREADS", str(max(1, usable_cores() // count)))
-    environment = os.environ | {"OMP_NUM_THREADS": threads}
+    environment = os.environ | {"OMP_NUM_THREADS": threads, LAUNCHER_REPORTS_ERRORS: "1"}
     log.info("training as %d processes of %s thread(s) each (processes=1: this process alone)", count, threads)
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={count}"]
+        [sys.executable, "-m", "cifake_core.distributed", "--standalone", f"--nproc_per_node={count}"]
         + ["-m", "cifake_core.cli", *arguments],
         env=environment,
         preexec_fn=_terminate_with_parent,  # torchrun passes SIGTERM on to the processes it started
@@ -85,6 +90,51 @@ def run_processes(count: int, arguments: Sequence[str]) -> int:
         launcher.send_signal(signal.SIGTERM)
         launcher.wait()
         raise
+
+
+def torchrun(arguments: Sequence[str]) -> int:
+    """`torchrun ARGUMENTS` in this process with its failure told in one line, and its exit status: the message the
+    first failed process left in its error file (`errors.LAUNCHER_REPORTS_ERRORS`), else which process failed and
+    how. torchrun's own report, a traceback and a box per process, would bury the one line a user needs."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):  # each set its level on import, so the parent's is no use
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(list(arguments)))
+    except SignalException as stopped:  # the process that started this one tells of the interruption
+        return 128 + stopped.sigval
+    except ChildFailedError as failed:
+        rank, failure = _first_failure(failed.failures)
+        print(_failure_message(rank, failure), file=sys.stderr)
+        # A message left is a mistake the user can fix, whose status is 2 as in one process; the process that left
+        # it may itself have been stopped by torchrun before it exited.
+        return 2 if _left_message(failure) else 1
+    return 0
+
+
+def _first_failure(failures: dict[int, ProcessFailure]) -> tuple[int, ProcessFailure]:
+    """The rank that failed first and its `ProcessFailure`: torchrun stops the others, whose failures may carry the
+    same second, so one that left a message wins."""
+    reported = {rank: failure for rank, failure in failures.items() if _left_message(failure)}
+    return min((reported or failures).items(), key=lambda item: (item[1].timestamp, item[0]))
+
+
+def _left_message(failure: ProcessFailure) -> bool:
+    return os.path.isfile(failure.error_file)
+
+
+def _failure_message(rank: int, failure: ProcessFailure) -> str:
+    if _left_message(failure):
+        return failure.message  # the process's own line, e.g. "cifake train: error: ..."
+    if failure.exitcode == -signal.SIGKILL:
+        return f"cifake: training process {rank} was killed by SIGKILL (often the out-of-memory killer: see dmesg)"
+    if failure.exitcode < 0:
+        return f"cifake: training process {rank} was stopped by {failure.signal_name()}"
+    return f"cifake: training process {rank} failed with exit status {failure.exitcode} (its traceback is above)"
 
 
 def world_size() -> int:
@@ -208,3 +258,7 @@ def gather_shards(local: torch.Tensor, count: int) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(world_size())]
     dist.all_gather(parts, padded)
     return torch.cat(parts)[:count].to(local.device)
+
+
+if __name__ == "__main__":  # how `run_processes` starts torchrun
+    sys.exit(torchrun(sys.argv[1:]))

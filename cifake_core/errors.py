@@ -4,6 +4,11 @@ Usage:
     raise DatasetError(f"missing folder {path!r}: ...")
 """
 
+# Set by `cifake train` for the training processes it starts: each leaves its one-line error in torchrun's error
+# file rather than printing it, and the launching process prints the first failure's once
+# (`distributed.torchrun`), where every process would print the same line amid torchrun's report.
+LAUNCHER_REPORTS_ERRORS = "CIFAKE_LAUNCHER_REPORTS_ERRORS"
+
 
 class CifakeError(Exception):
     """A mistake in something the user gave: a folder, a file, an image, a parameter or a model reference."""

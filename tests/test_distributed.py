@@ -160,21 +160,60 @@ def test_torchrun_on_two_cpu_processes_logs_one_run_and_one_version(tiny_demo: P
         assert single[key] == pytest.approx(run.data.metrics[key], abs=1e-6), key
 
 
-def test_train_starts_its_own_process_group_and_rank_0_alone_reports(tiny_demo: Path, tracking_store: str):
-    """`cifake train` without torchrun, as `mlflow run` calls it, with `processes=2` (the auto count on a CPU with two
-    cores): one run, trained by two processes, and one result printed."""
-    flags = ["--data_dir", str(tiny_demo), "--epochs", "1", "--batch_size", "16", "--num_workers", "0"]
-    done = subprocess.run(
-        [sys.executable, "-m", "cifake_core.cli", "train", *flags, "--device", "cpu", "--processes", "2"],
+def _train_as_two_processes(tracking_store: str, data_dir: Path, *flags: str) -> subprocess.CompletedProcess:
+    """`cifake train` for one epoch as `mlflow run` calls it: a child process outside torchrun, which starts two
+    training processes (the auto count on a CPU with two cores)."""
+    common = ["--data_dir", str(data_dir), "--epochs", "1", "--num_workers", "0", "--device", "cpu", "--processes", "2"]
+    return subprocess.run(
+        [sys.executable, "-m", "cifake_core.cli", "train", *common, *flags],
         env=child_environment(MLFLOW_TRACKING_URI=tracking_store),
         capture_output=True,
         text=True,
         timeout=900,
         check=False,
     )
+
+
+def test_train_starts_its_own_process_group_and_rank_0_alone_reports(tiny_demo: Path, tracking_store: str):
+    """One run, trained by two processes, and one result printed."""
+    done = _train_as_two_processes(tracking_store, tiny_demo, "--batch_size", "16")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count('"run_id"') == 1
     result = json.loads(done.stdout[done.stdout.index("{\n") :])
     (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("cifake").experiment_id])
     assert run.info.status == "FINISHED" and result["run_id"] == run.info.run_id
     assert run.data.params["processes"] == "2"  # the world size the workers joined, not the flag echoed
+    # Both processes build the model; the node's first alone warns that the ImageNet weights are out of reach.
+    assert done.stderr.count("no ImageNet weights") <= 1, done.stderr[-3000:]
+
+
+def test_a_mistake_met_after_the_processes_started_is_one_line_and_status_2(
+    tiny_demo: Path, tracking_store: str, tmp_path: Path
+):
+    """A weights file that exists but is not weights is found only when each process loads it: the user gets its
+    message once, with no traceback and no torchrun report, and exit status 2, as from one process."""
+    not_weights = tmp_path / "weights.pth"
+    not_weights.write_text("not a checkpoint")
+    done = _train_as_two_processes(tracking_store, tiny_demo, "--pretrained_weights", str(not_weights))
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.count("error: could not load pretrained_weights") == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr, done.stderr[-3000:]
+    (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("cifake").experiment_id])
+    assert run.info.status == "FAILED"
+
+
+def test_the_launcher_tells_the_failure_that_left_a_message_over_one_stopped_in_the_same_second(tmp_path: Path):
+    """torchrun stops the other processes when one fails, and their failures may carry the same second: the one
+    with the user's message is the cause. Without a message, how the process ended."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    left = tmp_path / "error.json"
+    left.write_text(json.dumps({"message": "cifake train: error: the fix", "timestamp": 1000}))
+    reported = ProcessFailure(local_rank=1, pid=12, exitcode=2, error_file=str(left))
+    stopped = ProcessFailure(local_rank=0, pid=11, exitcode=-15, error_file="<N/A>")
+    stopped.timestamp = 1000
+    rank, failure = distributed._first_failure({0: stopped, 1: reported})
+    assert (rank, distributed._failure_message(rank, failure)) == (1, "cifake train: error: the fix")
+    killed = ProcessFailure(local_rank=0, pid=11, exitcode=-9, error_file="<N/A>")
+    assert "out-of-memory killer" in distributed._failure_message(0, killed)
+    assert "SIGTERM" in distributed._failure_message(0, stopped)
