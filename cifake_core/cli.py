@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from cifake_core.config import FIELD_TYPES, FIELDS, RunConfig, load_config
-from cifake_core.errors import LAUNCHER_REPORTS_ERRORS, CifakeError, ConfigError
+from cifake_core.errors import INTERRUPTED_STATUS, LAUNCHER_REPORTS_ERRORS, CifakeError, ConfigError
 
 DEFAULT_MODEL_URI = "models:/cifake-detector@production"
 _EVALUATE_FIELDS = ("data_dir", "max_test_per_class", "seed", "num_workers", "experiment_name", "eval_dirs")
@@ -300,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         if not _launcher_error_file():  # the launcher tells of the interruption, or of the failure that caused it
             print(f"cifake {arguments.stage}: interrupted; any open MLflow run was ended as KILLED", file=sys.stderr)
-        return 130
+        return INTERRUPTED_STATUS
     return status or 0
 
 

@@ -19,7 +19,7 @@ from pandas.io.formats.style import Styler
 from PIL import Image
 
 from cifake_core.preprocessing import ImageSource, load_rgb
-from cifake_core.tracking import PRODUCTION_ALIAS
+from cifake_core.tracking import PRODUCTION_ALIAS, USED_PARAM_TAG_PREFIX
 
 KEY_PARAMS = (
     "epochs",
@@ -74,6 +74,17 @@ def _timestamp(milliseconds: int | None) -> pd.Timestamp:
     return pd.to_datetime(milliseconds, unit="ms") if milliseconds else pd.NaT
 
 
+def used_params(run: Mapping[str, Any]) -> dict[str, str]:
+    """The run's parameters with what it trained with in place of the automatic values `mlflow run` logged
+    (`batch_size=0`), so a run started by `mlflow run .` and one by `cifake train` compare alike."""
+    used = {
+        name.removeprefix(USED_PARAM_TAG_PREFIX): value
+        for name, value in run["tags"].items()
+        if name.startswith(USED_PARAM_TAG_PREFIX)
+    }
+    return {**run["params"], **used}
+
+
 def runs_table(runs: Sequence[Mapping[str, Any]], production_version: str | None) -> pd.DataFrame:
     """One row per run, newest first as given: status, timing, dataset, key parameters, test metrics, version.
 
@@ -81,7 +92,7 @@ def runs_table(runs: Sequence[Mapping[str, Any]], production_version: str | None
     """
     rows = []
     for run in runs:
-        tags, params, metrics = run["tags"], run["params"], run["metrics"]
+        tags, params, metrics = run["tags"], used_params(run), run["metrics"]
         version = tags.get("cifake.registered_version", "")
         ended = run["end_time"] if run["status"] != "RUNNING" else None
         rows.append(
@@ -129,7 +140,7 @@ def default_comparison(table: pd.DataFrame, count: int = 2) -> list[str]:
 
 def parameter_diff(runs: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """Every parameter (rows) of each run (columns, by label), differing ones first, with a `differs` column."""
-    table = pd.DataFrame({run_label(run): pd.Series(run["params"], dtype=object) for run in runs})
+    table = pd.DataFrame({run_label(run): pd.Series(used_params(run), dtype=object) for run in runs})
     if table.empty:
         return table.assign(differs=pd.Series(dtype=bool))
     table = table.fillna("").astype(str)

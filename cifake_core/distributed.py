@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
 from cifake_core.data import usable_cores
-from cifake_core.errors import LAUNCHER_REPORTS_ERRORS, DeviceError
+from cifake_core.errors import INTERRUPTED_STATUS, LAUNCHER_REPORTS_ERRORS, DeviceError
 
 if TYPE_CHECKING:
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
@@ -117,10 +117,19 @@ def torchrun(arguments: Sequence[str]) -> int:
 
 
 def _first_failure(failures: dict[int, ProcessFailure]) -> tuple[int, ProcessFailure]:
-    """The rank that failed first and its `ProcessFailure`: torchrun stops the others, whose failures may carry the
-    same second, so one that left a message wins."""
-    reported = {rank: failure for rank, failure in failures.items() if _left_message(failure)}
-    return min((reported or failures).items(), key=lambda item: (item[1].timestamp, item[0]))
+    """The rank whose failure caused the others, and its `ProcessFailure`. torchrun lists failures in the order it
+    saw them and then stops the rest (their SIGTERM, or status 130, comes after), so the first listed is the cause;
+    timestamps do not tell, as those without an error file all get the second torchrun looked. Before that order
+    come a process that left a message (a mistake the user can fix) and one killed by SIGKILL (the out-of-memory
+    killer; torchrun sends it only to a process that ignored SIGTERM for 30 s), whose peers may have failed on the
+    lost connection before torchrun looked."""
+
+    def precedence(listed: tuple[int, tuple[int, ProcessFailure]]) -> tuple[bool, bool, int]:
+        position, (_, failure) = listed
+        return not _left_message(failure), failure.exitcode != -signal.SIGKILL, position
+
+    _, first = min(enumerate(failures.items()), key=precedence)
+    return first
 
 
 def _left_message(failure: ProcessFailure) -> bool:
@@ -134,6 +143,8 @@ def _failure_message(rank: int, failure: ProcessFailure) -> str:
         return f"cifake: training process {rank} was killed by SIGKILL (often the out-of-memory killer: see dmesg)"
     if failure.exitcode < 0:
         return f"cifake: training process {rank} was stopped by {failure.signal_name()}"
+    if failure.exitcode == INTERRUPTED_STATUS:  # SIGTERM or SIGINT sent to that process alone: it ended its run
+        return f"cifake: training process {rank} was interrupted (SIGTERM or Ctrl-C sent to it alone)"
     return f"cifake: training process {rank} failed with exit status {failure.exitcode} (its traceback is above)"
 
 

@@ -8,6 +8,8 @@ Usage:
 # file rather than printing it, and the launching process prints the first failure's once
 # (`distributed.torchrun`), where every process would print the same line amid torchrun's report.
 LAUNCHER_REPORTS_ERRORS = "CIFAKE_LAUNCHER_REPORTS_ERRORS"
+# The exit status of a command stopped by Ctrl-C or SIGTERM, as a shell reports Ctrl-C (128 + SIGINT).
+INTERRUPTED_STATUS = 130
 
 
 class CifakeError(Exception):

@@ -45,6 +45,8 @@ PRODUCTION_ALIAS = "production"
 MODEL_ARTIFACT_NAME = "model"
 CHECKPOINT_ARTIFACT = "checkpoint/best.pt"
 HEARTBEAT_TAG = "cifake.heartbeat"
+# `mlflow run` logs its parameters as typed (`batch_size=0`, auto); what trained goes beside them under this prefix.
+USED_PARAM_TAG_PREFIX = "cifake.used."
 HEARTBEAT_SECONDS = 30.0
 # Twenty missed heartbeats: a run is not declared dead for a slow network or a long pause of its process.
 ABANDONED_AFTER_SECONDS = 600.0
@@ -187,9 +189,18 @@ def tracked_run(experiment_name: str, run_name: str, tags: dict[str, str] | None
 
 @_main_process_only
 def log_params(params: dict[str, Any]) -> None:
-    """Log params the run does not have yet: `mlflow run` logs its entry-point parameters itself, as typed."""
+    """Log params the run does not have yet. `mlflow run` logs its entry-point parameters itself, as typed, and
+    MLflow never changes a logged param: a value that differs from the typed one (the batch size that `0`
+    chose) is tagged `cifake.used.<name>`, so runs started either way compare on what they trained with."""
     existing = mlflow.get_run(mlflow.active_run().info.run_id).data.params
     mlflow.log_params({key: value for key, value in params.items() if key not in existing})
+    mlflow.set_tags(
+        {
+            f"{USED_PARAM_TAG_PREFIX}{key}": str(value)
+            for key, value in params.items()
+            if key in existing and existing[key] != str(value)
+        }
+    )
 
 
 @_main_process_only

@@ -102,6 +102,16 @@ def test_parameter_diff_puts_and_marks_differing_parameters_first():
     assert dashboard_data.parameter_diff([]).empty
 
 
+def test_runs_compare_on_the_values_they_trained_with_not_the_automatic_ones_logged():
+    from_mlflow_run = _record(
+        "a" * 32, params={"batch_size": "0", "lr": "0.004"}, tags={"cifake.used.batch_size": "128"}
+    )
+    from_cifake_train = _record("b" * 32, params={"batch_size": "128", "lr": "0.004"})
+    assert dashboard_data.used_params(from_mlflow_run) == {"batch_size": "128", "lr": "0.004"}
+    assert not dashboard_data.parameter_diff([from_mlflow_run, from_cifake_train])["differs"].any()
+    assert dashboard_data.runs_table([from_mlflow_run], None)["batch_size"].tolist() == ["128"]
+
+
 def test_curves_and_bars_in_long_form_and_runs_without_reports_named():
     frame = dashboard_data.epoch_curves({"run a": {"val_auc": [(1, 0.5), (2, 0.7)], "learning_rate": []}})
     assert frame.to_dict("records") == [

@@ -217,3 +217,19 @@ def test_the_launcher_tells_the_failure_that_left_a_message_over_one_stopped_in_
     killed = ProcessFailure(local_rank=0, pid=11, exitcode=-9, error_file="<N/A>")
     assert "out-of-memory killer" in distributed._failure_message(0, killed)
     assert "SIGTERM" in distributed._failure_message(0, stopped)
+    crashed = ProcessFailure(local_rank=0, pid=11, exitcode=1, error_file="<N/A>")
+    assert "exit status 1 (its traceback is above)" in distributed._failure_message(0, crashed)
+
+
+def test_the_launcher_tells_the_failure_torchrun_saw_first_or_a_process_killed_outright():
+    """torchrun lists failures as it saw them, then stops the others: the first listed is the cause, whatever the
+    ranks; a process killed by SIGKILL (out of memory) is the cause of its peers' lost connection."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    interrupted = ProcessFailure(local_rank=1, pid=12, exitcode=130, error_file="<N/A>")  # SIGTERM sent to it alone
+    stopped = ProcessFailure(local_rank=0, pid=11, exitcode=-15, error_file="<N/A>")  # then torchrun's SIGTERM
+    rank, failure = distributed._first_failure({1: interrupted, 0: stopped})
+    assert rank == 1 and "was interrupted" in distributed._failure_message(rank, failure)
+    lost_peer = ProcessFailure(local_rank=0, pid=11, exitcode=1, error_file="<N/A>")
+    killed = ProcessFailure(local_rank=1, pid=12, exitcode=-9, error_file="<N/A>")
+    assert distributed._first_failure({0: lost_peer, 1: killed}) == (1, killed)

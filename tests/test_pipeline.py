@@ -429,6 +429,22 @@ def test_a_run_lands_in_its_experiment_when_another_process_just_created_it(trac
     assert MlflowClient().get_run(run_id).info.experiment_id == experiment_id
 
 
+def test_params_mlflow_run_logged_as_typed_keep_that_value_and_what_was_used_is_tagged(
+    tracking_store: str, monkeypatch
+):
+    client = MlflowClient()
+    started = client.create_run(client.create_experiment("cifake"))  # as `mlflow run` starts it
+    for name, typed in {"batch_size": "0", "lr": "0.004"}.items():
+        client.log_param(started.info.run_id, name, typed)
+    monkeypatch.setenv("MLFLOW_RUN_ID", started.info.run_id)
+    with tracking.tracked_run("cifake", "train") as run_id:
+        tracking.log_params({"batch_size": 128, "lr": 0.004, "seed": 42})
+    run = client.get_run(run_id)
+    assert run.data.params == {"batch_size": "0", "lr": "0.004", "seed": "42"}
+    used = {name: value for name, value in run.data.tags.items() if name.startswith(tracking.USED_PARAM_TAG_PREFIX)}
+    assert used == {"cifake.used.batch_size": "128"}
+
+
 def test_evaluating_a_missing_model_is_one_clear_line_and_starts_no_run(tracking_store: str, capsys):
     assert main(["evaluate", "--model_uri", "models:/cifake-detector/9", "--num_workers", "0"]) == 2
     assert "cannot load model models:/cifake-detector/9" in capsys.readouterr().err
@@ -550,4 +566,5 @@ def test_mlflow_run_of_the_project_trains_registers_and_promotes(tiny_demo: Path
     (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("cifake").experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.params["epochs"] == "1" and "val_auc" in run.data.metrics
+    assert run.data.params["processes"] == "0" and int(run.data.tags["cifake.used.processes"]) >= 1  # auto
     assert _production() == "1"
