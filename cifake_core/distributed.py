@@ -126,7 +126,7 @@ def _first_failure(failures: dict[int, ProcessFailure]) -> tuple[int, ProcessFai
 
     def precedence(listed: tuple[int, tuple[int, ProcessFailure]]) -> tuple[bool, bool, int]:
         position, (_, failure) = listed
-        return not _left_message(failure), failure.exitcode != -signal.SIGKILL, position
+        return not _left_message(failure), not _killed_outright(failure), position
 
     _, first = min(enumerate(failures.items()), key=precedence)
     return first
@@ -136,10 +136,14 @@ def _left_message(failure: ProcessFailure) -> bool:
     return os.path.isfile(failure.error_file)
 
 
+def _killed_outright(failure: ProcessFailure) -> bool:
+    return failure.exitcode == -signal.SIGKILL
+
+
 def _failure_message(rank: int, failure: ProcessFailure) -> str:
     if _left_message(failure):
         return failure.message  # the process's own line, e.g. "cifake train: error: ..."
-    if failure.exitcode == -signal.SIGKILL:
+    if _killed_outright(failure):
         return f"cifake: training process {rank} was killed by SIGKILL (often the out-of-memory killer: see dmesg)"
     if failure.exitcode < 0:
         return f"cifake: training process {rank} was stopped by {failure.signal_name()}"

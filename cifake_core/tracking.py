@@ -194,13 +194,12 @@ def log_params(params: dict[str, Any]) -> None:
     chose) is tagged `cifake.used.<name>`, so runs started either way compare on what they trained with."""
     existing = mlflow.get_run(mlflow.active_run().info.run_id).data.params
     mlflow.log_params({key: value for key, value in params.items() if key not in existing})
-    mlflow.set_tags(
-        {
-            f"{USED_PARAM_TAG_PREFIX}{key}": str(value)
-            for key, value in params.items()
-            if key in existing and existing[key] != str(value)
-        }
-    )
+    if used := {
+        f"{USED_PARAM_TAG_PREFIX}{key}": value
+        for key, value in params.items()
+        if key in existing and existing[key] != str(value)
+    }:
+        set_tags(used)
 
 
 @_main_process_only
