@@ -31,7 +31,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from cifake_core.config import FIELD_TYPES, FIELDS, RunConfig, load_config
-from cifake_core.errors import INTERRUPTED_STATUS, LAUNCHER_REPORTS_ERRORS, CifakeError, ConfigError
+from cifake_core.errors import (
+    INTERRUPTED_STATUS,
+    LAUNCHER_REPORTS_ERRORS,
+    PEER_ENDED_STATUS,
+    CifakeError,
+    ConfigError,
+)
 
 DEFAULT_MODEL_URI = "models:/cifake-detector@production"
 _EVALUATE_FIELDS = ("data_dir", "max_test_per_class", "seed", "num_workers", "experiment_name", "eval_dirs")
@@ -283,11 +289,18 @@ def _launcher_error_file() -> str | None:
     return os.environ.get("TORCHELASTIC_ERROR_FILE") if os.environ.get(LAUNCHER_REPORTS_ERRORS) else None
 
 
+def _lost_a_peer(error: Exception) -> bool:
+    """Whether a collective failed because another process of the group ended: gloo's lost connection (a plain
+    RuntimeError) or torch's DistError (NCCL, the rendezvous store)."""
+    dist = sys.modules.get("torch.distributed")
+    return (dist is not None and isinstance(error, dist.DistError)) or "gloo/transport" in str(error)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s")
     logging.getLogger("cifake_core").setLevel(_log_level(os.environ))
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    previous_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         status = _run(arguments, sys.argv[1:] if argv is None else argv)
     except (CifakeError, OSError) as error:  # OSError: a folder or file the user named that cannot be written
@@ -301,6 +314,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not _launcher_error_file():  # the launcher tells of the interruption, or of the failure that caused it
             print(f"cifake {arguments.stage}: interrupted; any open MLflow run was ended as KILLED", file=sys.stderr)
         return INTERRUPTED_STATUS
+    except Exception as error:
+        if not (_launcher_error_file() and _lost_a_peer(error)):
+            raise
+        # torchrun stops this process with SIGTERM as it sees the peer's end: nothing is left to interrupt.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # The peer that ended first is the cause, and the launcher names it: this process's traceback would bury it.
+        print(
+            f"cifake {arguments.stage}: training process {os.environ.get('RANK', '?')} stopped: another training "
+            "process of its group ended",
+            file=sys.stderr,
+        )
+        return PEER_ENDED_STATUS
+    finally:
+        # Once the work is over nothing is left to end cleanly: torchrun's SIGTERM to a process on its way out would
+        # otherwise raise KeyboardInterrupt inside an exit handler, with a traceback of its own.
+        signal.signal(signal.SIGTERM, previous_handler)
     return status or 0
 
 

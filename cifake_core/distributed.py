@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
 from cifake_core.data import usable_cores
-from cifake_core.errors import INTERRUPTED_STATUS, LAUNCHER_REPORTS_ERRORS, DeviceError
+from cifake_core.errors import INTERRUPTED_STATUS, LAUNCHER_REPORTS_ERRORS, PEER_ENDED_STATUS, DeviceError
 
 if TYPE_CHECKING:
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
@@ -122,11 +122,13 @@ def _first_failure(failures: dict[int, ProcessFailure]) -> tuple[int, ProcessFai
     timestamps do not tell, as those without an error file all get the second torchrun looked. Before that order
     come a process that left a message (a mistake the user can fix) and one killed by SIGKILL (the out-of-memory
     killer; torchrun sends it only to a process that ignored SIGTERM for 30 s), whose peers may have failed on the
-    lost connection before torchrun looked."""
+    lost connection before torchrun looked. A process that stopped on that lost connection comes last: it is never
+    the cause while another failed."""
 
-    def precedence(listed: tuple[int, tuple[int, ProcessFailure]]) -> tuple[bool, bool, int]:
+    def precedence(listed: tuple[int, tuple[int, ProcessFailure]]) -> tuple[bool, bool, bool, int]:
         position, (_, failure) = listed
-        return not _left_message(failure), not _killed_outright(failure), position
+        peer_ended = failure.exitcode == PEER_ENDED_STATUS
+        return not _left_message(failure), not _killed_outright(failure), peer_ended, position
 
     _, first = min(enumerate(failures.items()), key=precedence)
     return first
@@ -149,6 +151,8 @@ def _failure_message(rank: int, failure: ProcessFailure) -> str:
         return f"cifake: training process {rank} was stopped by {failure.signal_name()}"
     if failure.exitcode == INTERRUPTED_STATUS:  # SIGTERM or SIGINT sent to that process alone: it ended its run
         return f"cifake: training process {rank} was interrupted (SIGTERM or Ctrl-C sent to it alone)"
+    if failure.exitcode == PEER_ENDED_STATUS:  # every process lost its connection: a network fault, not a process's
+        return f"cifake: training process {rank} lost the connection to the others of its group"
     return f"cifake: training process {rank} failed with exit status {failure.exitcode} (its traceback is above)"
 
 

@@ -10,6 +10,9 @@ Usage:
 LAUNCHER_REPORTS_ERRORS = "CIFAKE_LAUNCHER_REPORTS_ERRORS"
 # The exit status of a command stopped by Ctrl-C or SIGTERM, as a shell reports Ctrl-C (128 + SIGINT).
 INTERRUPTED_STATUS = 130
+# The exit status of a training process whose collective failed because another process of its group ended: never
+# the cause of a failure, which the launcher looks for among the others.
+PEER_ENDED_STATUS = 3
 
 
 class CifakeError(Exception):

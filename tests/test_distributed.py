@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ from cifake_core.config import RunConfig
 from cifake_core.data import load_split_arrays, prepare_splits
 from cifake_core.depthwise import CpuBackwardDepthwiseConv2d
 from cifake_core.engine import predict_logits, prob_ai
-from cifake_core.errors import DeviceError
+from cifake_core.errors import LAUNCHER_REPORTS_ERRORS, PEER_ENDED_STATUS, DeviceError
 from cifake_core.metrics import binary_metrics
 from cifake_core.models import create_model, load_checkpoint
 from cifake_core.network import free_port
@@ -233,3 +234,40 @@ def test_the_launcher_tells_the_failure_torchrun_saw_first_or_a_process_killed_o
     lost_peer = ProcessFailure(local_rank=0, pid=11, exitcode=1, error_file="<N/A>")
     killed = ProcessFailure(local_rank=1, pid=12, exitcode=-9, error_file="<N/A>")
     assert distributed._first_failure({0: lost_peer, 1: killed}) == (1, killed)
+    # A process that stopped because its peer ended (cli's PEER_ENDED_STATUS) is never the cause, though seen first.
+    peer_ended = ProcessFailure(local_rank=1, pid=12, exitcode=PEER_ENDED_STATUS, error_file="<N/A>")
+    assert distributed._first_failure({1: peer_ended, 0: stopped}) == (0, stopped)
+    assert "lost the connection" in distributed._failure_message(1, peer_ended)
+
+
+def test_a_process_whose_peer_ended_says_so_in_one_line_where_other_errors_keep_their_traceback(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys
+):
+    """Under `cifake train`'s launcher, which names the process that ended, its peer's lost connection is one line
+    and a status the launcher never blames; a bug, or the same error under torchrun started by hand, is raised."""
+    from cifake_core import cli
+
+    lost = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer")
+    bug = ValueError("a bug")
+
+    def fail_with(error: Exception):
+        def run(*_) -> None:
+            raise error
+
+        return run
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(cli, "_run", fail_with(lost))
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        cli.main(["train"])
+    monkeypatch.setenv(LAUNCHER_REPORTS_ERRORS, "1")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+    capsys.readouterr()
+    assert cli.main(["train"]) == PEER_ENDED_STATUS
+    told = "cifake train: training process 1 stopped: another training process of its group ended\n"
+    assert capsys.readouterr().err == told
+    assert signal.getsignal(signal.SIGTERM) is before  # torchrun's SIGTERM on the way out just ends the process
+    monkeypatch.setattr(cli, "_run", fail_with(bug))
+    with pytest.raises(ValueError, match="a bug"):
+        cli.main(["train"])

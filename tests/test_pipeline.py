@@ -6,8 +6,10 @@ Each test gets its own SQLite MLflow store (`tracking_store`). Runs that train a
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -502,40 +504,73 @@ def test_stopping_training_mid_run_ends_the_run_killed(
 ):
     """SIGTERM in one process; through the process group `train` starts itself, SIGTERM and even SIGKILL of the
     launcher, whose torchrun the kernel then sends SIGTERM: no training outlives it, and no run stays RUNNING."""
-    command = [
-        sys.executable,
-        "-m",
-        "cifake_core.cli",
-        "train",
-        "--data_dir",
-        str(tiny_demo),
-        "--epochs",
-        "500",
-        "--batch_size",
-        "16",
-        "--num_workers",
-        "0",
-        "--processes",
-        processes,
-    ]
-    process = subprocess.Popen(
-        command, env=_subprocess_env(tracking_store), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    process, run_id = _train_until_validated(tracking_store, tiny_demo, processes)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and process.poll() is None:
-            experiment = mlflow.get_experiment_by_name("cifake")
-            runs = MlflowClient().search_runs([experiment.experiment_id]) if experiment else []
-            if runs and "val_auc" in runs[0].data.metrics:
-                break
-            time.sleep(1)
-        assert process.poll() is None, process.stdout.read()
         process.send_signal(stop)
         output, _ = process.communicate(timeout=120)  # the output ends when every process writing it has ended
     finally:
         process.kill()
     assert process.returncode == status, output
-    assert MlflowClient().get_run(runs[0].info.run_id).info.status == "KILLED"
+    assert MlflowClient().get_run(run_id).info.status == "KILLED"
+
+
+def _train_until_validated(tracking_store: str, data_dir: Path, processes: str) -> tuple[subprocess.Popen, str]:
+    """`cifake train` for 500 epochs as `processes` processes, returned running once its first epoch is logged, and
+    its run's id."""
+    command = [sys.executable, "-m", "cifake_core.cli", "train", "--data_dir", str(data_dir), "--epochs", "500"]
+    command += ["--batch_size", "16", "--num_workers", "0", "--device", "cpu", "--processes", processes]
+    process = subprocess.Popen(
+        command, env=_subprocess_env(tracking_store), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        experiment = mlflow.get_experiment_by_name("cifake")
+        runs = MlflowClient().search_runs([experiment.experiment_id]) if experiment else []
+        if runs and "val_auc" in runs[0].data.metrics:
+            return process, runs[0].info.run_id
+        time.sleep(1)
+    process.kill()
+    raise AssertionError(f"training ended or logged no epoch in 240 s: {process.communicate()[0][-3000:]}")
+
+
+def _training_process(launcher_pid: int, rank: int) -> int:
+    """The pid of the training process of `rank` among the descendants of the `cifake train` at `launcher_pid`."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    pending = list(children.get(launcher_pid, []))
+    while pending:
+        pid = pending.pop()
+        with contextlib.suppress(OSError):
+            if f"RANK={rank}".encode() in (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0"):
+                return pid
+        pending += children.get(pid, [])
+    raise AssertionError(f"no training process of rank {rank} under {launcher_pid}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the training processes through /proc")
+@pytest.mark.parametrize(
+    ("rank", "stop", "told"),
+    [(1, signal.SIGKILL, "training process 1 was killed by SIGKILL"), (0, signal.SIGTERM, "training process 0 was")],
+)
+def test_a_training_process_ended_alone_is_named_in_one_line_without_its_peers_traceback(
+    tiny_demo: Path, tracking_store: str, rank: int, stop: signal.Signals, told: str
+):
+    """The out-of-memory killer or a stray SIGTERM ends one process of the group: its peer's collective fails on
+    the lost connection. The user is told which process ended and how, not the peer's gloo traceback, and the
+    run does not stay RUNNING."""
+    process, run_id = _train_until_validated(tracking_store, tiny_demo, "2")
+    try:
+        os.kill(_training_process(process.pid, rank), stop)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 1, output
+    assert told in output.splitlines()[-1] and "Traceback" not in output, output[-3000:]
+    assert MlflowClient().get_run(run_id).info.status in {"FAILED", "KILLED"}
 
 
 @pytest.mark.slow
