@@ -248,7 +248,11 @@ def _check(values: dict[str, Any]) -> None:
             "0 (auto) or at least 2 (BatchNorm needs two images per batch)",
         ),
         ("lr", 0.0 < values["lr"] < 1.0, "a positive learning rate below 1, e.g. 0.004"),
-        ("weight_decay", 0.0 <= values["weight_decay"] < 1.0, "between 0 and 1"),
+        (  # AdamW shrinks the weights by lr x weight_decay at each step: at 1 or more it would zero or flip them
+            "weight_decay",
+            0.0 <= values["weight_decay"] and values["lr"] * values["weight_decay"] < 1.0,
+            f"0 (none) or a positive decay below 1 / lr ({1 / values['lr']:g}), e.g. 0.05",
+        ),
         ("label_smoothing", 0.0 <= values["label_smoothing"] <= 0.5, "between 0 and 0.5, e.g. 0.1"),
         ("grad_clip_norm", values["grad_clip_norm"] >= 0.0, "0 (no clipping) or a positive norm, e.g. 1.0"),
         ("device", bool(_DEVICE_PATTERN.match(values["device"])), "auto, cpu, cuda, cuda:N or mps"),
