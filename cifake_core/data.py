@@ -151,18 +151,31 @@ def scan_cache_folder() -> Path:
     return cache_dir() / "scans"
 
 
-def _listed_files(folder: Path) -> list[tuple[Path, list[int]]]:
-    """Every regular file under `folder`, sorted, with its scan-cache key: one stat per file serves both."""
-    listed = []
-    for path in folder.rglob("*"):
+def _listed_files(folder: Path) -> list[tuple[str, list[int]]]:
+    """Every regular file under `folder` (links to files included, links to folders not followed, as pathlib's
+    `rglob`) as its path relative to `folder`, in `Path` order, with its scan-cache key: one stat per file serves
+    both. Strings from `os.scandir`: pathlib's objects took 5 of the 6 seconds of a warm scan of CIFAKE."""
+    listed: list[tuple[tuple[str, ...], list[int]]] = []
+    pending: list[tuple[str, ...]] = [()]
+    while pending:
+        parts = pending.pop()
         try:
-            status = path.stat()
-        except OSError:  # a dangling link, or a file gone since the folder was listed
+            entries = list(os.scandir(os.path.join(folder, *parts)))
+        except OSError:  # unreadable, or gone since its parent was listed
             continue
-        if stat.S_ISREG(status.st_mode):
-            # ctime too: a chmod that makes a file unreadable changes it and leaves the mtime alone.
-            listed.append((path, [status.st_size, status.st_mtime_ns, status.st_ctime_ns]))
-    return sorted(listed, key=lambda item: item[0])
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append((*parts, entry.name))
+                    continue
+                status = entry.stat()
+            except OSError:  # a dangling link, or a file gone since the folder was listed
+                continue
+            if stat.S_ISREG(status.st_mode):
+                # ctime too: a chmod that makes a file unreadable changes it and leaves the mtime alone.
+                listed.append(((*parts, entry.name), [status.st_size, status.st_mtime_ns, status.st_ctime_ns]))
+    listed.sort(key=lambda item: item[0])  # by parts, as `Path` sorts: a duplicate's first copy is the one kept
+    return [("/".join(parts), key) for parts, key in listed]
 
 
 def _read_inspections(path: Path) -> dict[str, list]:
@@ -199,18 +212,12 @@ def _write_inspections(path: Path, files: dict[str, list]) -> None:
 
 
 def _inspect_all(
-    root: Path,
-    paths: list[Path],
-    relatives: list[str],
-    keys: list[list[int]],
-    num_workers: int,
-    cache_folder: Path | None,
+    root: Path, relatives: list[str], keys: list[list[int]], num_workers: int, cache_folder: Path | None
 ) -> list[tuple[str, str]]:
-    """`_inspect_file` of every path (`relatives`: the same, relative to `root`; `keys`: their size and times);
-    with `cache_folder`, only of the files whose key changed since the last scan of `root`, remembering the
-    results."""
+    """`_inspect_file` of every file (`relatives`: paths relative to `root`; `keys`: their size and times); with
+    `cache_folder`, only of the files whose key changed since the last scan of `root`, remembering the results."""
     if cache_folder is None:
-        return list(_parallel_map(_inspect_file, paths, num_workers))
+        return list(_parallel_map(_inspect_file, [root / relative for relative in relatives], num_workers))
     cache_file = cache_folder / f"{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]}.json"
     known = _read_inspections(cache_file)
     settled_before = time.time_ns() - RACY_NANOSECONDS
@@ -219,7 +226,8 @@ def _inspect_all(
         entry = known.get(relative)
         results.append((entry[3], entry[4]) if _reusable(entry, key) else None)
     stale = [index for index, result in enumerate(results) if result is None]
-    for index, result in zip(stale, _parallel_map(_inspect_file, [paths[i] for i in stale], num_workers), strict=True):
+    stale_paths = [root / relatives[index] for index in stale]
+    for index, result in zip(stale, _parallel_map(_inspect_file, stale_paths, num_workers), strict=True):
         results[index] = result
     if stale:
         # An unreadable file (no digest) is not remembered: permissions may be fixed without touching its mtime.
@@ -236,24 +244,23 @@ def _scan(
     root: Path, num_workers: int, cache_folder: Path | None
 ) -> tuple[list[dict[str, str]], list[dict[str, str]], dict]:
     """Every readable image file under the four folders, the skipped files with reasons, and raw counts."""
-    candidates: list[tuple[str, str, Path, str, list[int]]] = []
+    candidates: list[tuple[str, str, str, list[int]]] = []
     skipped: list[dict[str, str]] = []
     for source in SOURCE_SPLITS:
         for label in CLASS_NAMES:
-            folder = root / source / FOLDER_FOR_CLASS[label]
-            for path, key in _listed_files(folder):
-                relative = path.relative_to(root).as_posix()
-                if path.suffix.lower() in IMAGE_EXTENSIONS:
-                    candidates.append((source, label, path, relative, key))
+            folder = f"{source}/{FOLDER_FOR_CLASS[label]}"
+            for inside, key in _listed_files(root / folder):
+                relative = f"{folder}/{inside}"
+                if os.path.splitext(inside)[1].lower() in IMAGE_EXTENSIONS:
+                    candidates.append((source, label, relative, key))
                 else:
                     skipped.append({"path": relative, "reason": "not an image file extension"})
-    paths = [candidate[2] for candidate in candidates]
-    relatives = [candidate[3] for candidate in candidates]
-    keys = [candidate[4] for candidate in candidates]
-    inspections = _inspect_all(root, paths, relatives, keys, num_workers, cache_folder)
+    relatives = [candidate[2] for candidate in candidates]
+    keys = [candidate[3] for candidate in candidates]
+    inspections = _inspect_all(root, relatives, keys, num_workers, cache_folder)
     records: list[dict[str, str]] = []
     found: dict[str, dict[str, int]] = {source: dict.fromkeys(CLASS_NAMES, 0) for source in SOURCE_SPLITS}
-    for (source, label, _, relative, _), (digest, problem) in zip(candidates, inspections, strict=True):
+    for (source, label, relative, _), (digest, problem) in zip(candidates, inspections, strict=True):
         if problem:
             skipped.append({"path": relative, "reason": problem})
             continue

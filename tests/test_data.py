@@ -257,6 +257,35 @@ def test_identical_copies_inside_train_are_kept_once(make_dataset) -> None:
     assert len(copies & set(prepared.manifest.path)) == 1
 
 
+@pytest.mark.skipif(not hasattr(os, "symlink") or os.name == "nt", reason="needs symbolic links")
+def test_the_scan_takes_links_to_files_not_links_to_folders_and_keeps_a_duplicates_first_copy_in_path_order(
+    make_dataset,
+) -> None:
+    """As pathlib's rglob listed them: a link to an image counts, a link to a folder is not walked, a dangling link
+    is no file; among copies, the first in `Path` order stays ('a/b.jpg' before 'a.jpg', where strings sort the
+    other way), so the manifest does not move with how the folder is listed."""
+    root = make_dataset(train=6, test=3)
+    fake, real = root / "train" / "FAKE", root / "train" / "REAL"
+    (fake / "a").mkdir()
+    shutil.copyfile(fake / "0 (1).jpg", fake / "a" / "b.jpg")
+    shutil.copyfile(fake / "0 (1).jpg", fake / "a.jpg")
+    (fake / "0 (1).jpg").unlink()
+    (fake / "linked.jpg").symlink_to(real / "0 (7).jpg")  # the same bytes as a REAL image: both copies dropped
+    (fake / "real folder").symlink_to(real, target_is_directory=True)
+    (fake / "dangling.jpg").symlink_to(root / "no such file.jpg")
+    prepared = prepare(root)
+    assert prepared.summary["images_found"]["train"]["ai"] == 8  # 5 left, a/b.jpg, a.jpg and linked.jpg
+    assert prepared.summary["duplicates"] == {
+        "within_train": 1,
+        "within_test": 0,
+        "conflicting_labels": 2,
+        "train_copies_of_test_dropped": 0,
+    }
+    paths = set(prepared.manifest.path)
+    assert "train/FAKE/a/b.jpg" in paths and "train/FAKE/a.jpg" not in paths
+    assert not any(path.startswith("train/FAKE/real folder") or "dangling" in path for path in paths)
+
+
 def test_identical_copies_inside_test_are_kept_once(make_dataset) -> None:
     root = make_dataset(train=6, test=3)
     original = sorted((root / "test" / "REAL").iterdir())[0]
