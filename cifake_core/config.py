@@ -231,6 +231,8 @@ def _coerce(name: str, value: Any) -> Any:
 
 
 def _check(values: dict[str, Any]) -> None:
+    # The figure only for a learning rate that passes its own rule: lr 0 is told as lr's mistake, not a crash.
+    decay_bound = f"1 / lr ({1 / values['lr']:g})" if values["lr"] > 0 else "1 / lr"
     rules: list[tuple[str, bool, str]] = [
         ("val_fraction", 0.0 < values["val_fraction"] < 1.0, "a fraction strictly between 0 and 1, e.g. 0.1"),
         ("max_train_per_class", values["max_train_per_class"] >= 0, "0 (no cap) or a positive count"),
@@ -251,7 +253,7 @@ def _check(values: dict[str, Any]) -> None:
         (  # AdamW shrinks the weights by lr x weight_decay at each step: at 1 or more it would zero or flip them
             "weight_decay",
             0.0 <= values["weight_decay"] and values["lr"] * values["weight_decay"] < 1.0,
-            f"0 (none) or a positive decay below 1 / lr ({1 / values['lr']:g}), e.g. 0.05",
+            f"0 (none) or a positive decay below {decay_bound}, e.g. 0.05",
         ),
         ("label_smoothing", 0.0 <= values["label_smoothing"] <= 0.5, "between 0 and 0.5, e.g. 0.1"),
         ("grad_clip_norm", values["grad_clip_norm"] >= 0.0, "0 (no clipping) or a positive norm, e.g. 1.0"),

@@ -32,6 +32,7 @@ def test_defaults_then_yaml_then_overrides(tmp_path: Path):
         ({"epochs": "3.5"}, "epochs must be an integer"),
         ({"epochs": "0"}, "epochs must be at least 1"),
         ({"lr": "fast"}, "lr must be a float"),
+        ({"lr": "0"}, "lr must be a positive learning rate below 1"),
         ({"val_fraction": "1.5"}, "val_fraction must be a fraction"),
         ({"pretrained": "maybe"}, "pretrained must be one of auto|true|false"),
         ({"stem_stride": "4"}, "stem_stride must be 1 or 2"),
