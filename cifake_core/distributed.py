@@ -127,8 +127,7 @@ def _first_failure(failures: dict[int, ProcessFailure]) -> tuple[int, ProcessFai
 
     def precedence(listed: tuple[int, tuple[int, ProcessFailure]]) -> tuple[bool, bool, bool, int]:
         position, (_, failure) = listed
-        peer_ended = failure.exitcode == PEER_ENDED_STATUS
-        return not _left_message(failure), not _killed_outright(failure), peer_ended, position
+        return not _left_message(failure), not _killed_outright(failure), _peer_ended(failure), position
 
     _, first = min(enumerate(failures.items()), key=precedence)
     return first
@@ -142,6 +141,10 @@ def _killed_outright(failure: ProcessFailure) -> bool:
     return failure.exitcode == -signal.SIGKILL
 
 
+def _peer_ended(failure: ProcessFailure) -> bool:
+    return failure.exitcode == PEER_ENDED_STATUS
+
+
 def _failure_message(rank: int, failure: ProcessFailure) -> str:
     if _left_message(failure):
         return failure.message  # the process's own line, e.g. "cifake train: error: ..."
@@ -151,7 +154,7 @@ def _failure_message(rank: int, failure: ProcessFailure) -> str:
         return f"cifake: training process {rank} was stopped by {failure.signal_name()}"
     if failure.exitcode == INTERRUPTED_STATUS:  # SIGTERM or SIGINT sent to that process alone: it ended its run
         return f"cifake: training process {rank} was interrupted (SIGTERM or Ctrl-C sent to it alone)"
-    if failure.exitcode == PEER_ENDED_STATUS:  # every process lost its connection: a network fault, not a process's
+    if _peer_ended(failure):  # every process lost its connection: a network fault, not a process's
         return f"cifake: training process {rank} lost the connection to the others of its group"
     return f"cifake: training process {rank} failed with exit status {failure.exitcode} (its traceback is above)"
 
