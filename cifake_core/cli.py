@@ -37,6 +37,7 @@ from cifake_core.errors import (
     PEER_ENDED_STATUS,
     CifakeError,
     ConfigError,
+    PeerEndedError,
 )
 
 DEFAULT_MODEL_URI = "models:/cifake-detector@production"
@@ -289,13 +290,6 @@ def _launcher_error_file() -> str | None:
     return os.environ.get("TORCHELASTIC_ERROR_FILE") if os.environ.get(LAUNCHER_REPORTS_ERRORS) else None
 
 
-def _lost_a_peer(error: Exception) -> bool:
-    """Whether a collective failed because another process of the group ended: gloo's lost connection (a plain
-    RuntimeError) or torch's DistError (NCCL, the rendezvous store)."""
-    dist = sys.modules.get("torch.distributed")
-    return (dist is not None and isinstance(error, dist.DistError)) or "gloo/transport" in str(error)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s")
@@ -314,11 +308,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not _launcher_error_file():  # the launcher tells of the interruption, or of the failure that caused it
             print(f"cifake {arguments.stage}: interrupted; any open MLflow run was ended as KILLED", file=sys.stderr)
         return INTERRUPTED_STATUS
-    except Exception as error:
-        if not (_launcher_error_file() and _lost_a_peer(error)):
+    except PeerEndedError:
+        if not _launcher_error_file():
             raise
-        # torchrun stops this process with SIGTERM as it sees the peer's end: nothing is left to interrupt.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         # The peer that ended first is the cause, and the launcher names it: this process's traceback would bury it.
         print(
             f"cifake {arguments.stage}: training process {os.environ.get('RANK', '?')} stopped: another training "

@@ -26,6 +26,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -34,7 +35,13 @@ import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
 from cifake_core.data import usable_cores
-from cifake_core.errors import INTERRUPTED_STATUS, LAUNCHER_REPORTS_ERRORS, PEER_ENDED_STATUS, DeviceError
+from cifake_core.errors import (
+    INTERRUPTED_STATUS,
+    LAUNCHER_REPORTS_ERRORS,
+    PEER_ENDED_STATUS,
+    DeviceError,
+    PeerEndedError,
+)
 
 if TYPE_CHECKING:
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
@@ -205,10 +212,30 @@ def process_group(device: torch.device) -> Iterator[torch.device]:
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT, device_id=device if backend == "nccl" else None)
     try:
-        yield device
-        dist.barrier()  # rank 0 reaches it after publishing the model; the others wait here until then
+        with peer_loss_named():
+            yield device
+            dist.barrier()  # rank 0 reaches it after publishing the model; the others wait here until then
     finally:
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def peer_loss_named() -> Iterator[None]:
+    """Raise a collective's failure on the end of another process of the group as `PeerEndedError`, from the
+    original: that is what an MLflow run ended inside the block records, rather than gloo's transport error. From
+    then on this process ignores SIGTERM."""
+    try:
+        yield
+    except Exception as error:
+        # gloo's lost connection is a plain RuntimeError; NCCL's and the rendezvous store's are DistErrors.
+        if not (isinstance(error, dist.DistError) or "gloo/transport" in str(error)):
+            raise
+        # torchrun sends SIGTERM to the processes left as it sees one end, while this one, already on its way out,
+        # ends its MLflow run: a KeyboardInterrupt landing in an import or an exit handler there prints a traceback
+        # of its own and can leave the run unended.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise PeerEndedError("another training process of its group ended first; it is the cause") from error
 
 
 @contextlib.contextmanager

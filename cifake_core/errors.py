@@ -1,4 +1,5 @@
-"""Errors a user can fix. Each message names the problem and the fix; the CLI prints it as one line.
+"""Errors a user can fix, and the statuses and errors by which training processes tell their launcher how they
+ended. Each user error's message names the problem and the fix; the CLI prints it as one line.
 
 Usage:
     raise DatasetError(f"missing folder {path!r}: ...")
@@ -13,6 +14,11 @@ INTERRUPTED_STATUS = 130
 # The exit status of a training process whose collective failed because another process of its group ended: never
 # the cause of a failure, which the launcher looks for among the others.
 PEER_ENDED_STATUS = 3
+
+
+class PeerEndedError(RuntimeError):
+    """A training process's collective failed because another process of its group ended first, which is the
+    cause: not a mistake of the user's, and never this process's own failure."""
 
 
 class CifakeError(Exception):

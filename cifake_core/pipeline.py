@@ -447,6 +447,7 @@ def _train(config: RunConfig, device: torch.device) -> TrainingResult | None:
     with (
         tracking.tracked_run(config.publish.experiment_name, "train", {"cifake.stage": "train"}) as run_id,
         tempfile.TemporaryDirectory(prefix="cifake-") as work_dir,
+        distributed.peer_loss_named(),
     ):
         work = Path(work_dir)
         tracking.log_params(config.flat())

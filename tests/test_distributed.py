@@ -25,7 +25,7 @@ from cifake_core.config import RunConfig
 from cifake_core.data import load_split_arrays, prepare_splits
 from cifake_core.depthwise import CpuBackwardDepthwiseConv2d
 from cifake_core.engine import predict_logits, prob_ai
-from cifake_core.errors import LAUNCHER_REPORTS_ERRORS, PEER_ENDED_STATUS, DeviceError
+from cifake_core.errors import LAUNCHER_REPORTS_ERRORS, PEER_ENDED_STATUS, DeviceError, PeerEndedError
 from cifake_core.metrics import binary_metrics
 from cifake_core.models import create_model, load_checkpoint
 from cifake_core.network import free_port
@@ -240,15 +240,33 @@ def test_the_launcher_tells_the_failure_torchrun_saw_first_or_a_process_killed_o
     assert "lost the connection" in distributed._failure_message(1, peer_ended)
 
 
+def test_a_collective_failed_by_a_peers_end_is_raised_as_that_cause_and_other_errors_pass_unchanged(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """gloo's lost connection (a plain RuntimeError) and torch's DistError become PeerEndedError, chained to the
+    original, so that the MLflow run records the cause, and torchrun's SIGTERM to the survivors is ignored from
+    then on; any other error, a bug included, is raised as it was."""
+    lost = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer")
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: handlers.append((signum, handler)))
+    handlers = []
+    for other in (ValueError("a bug"), RuntimeError("CUDA out of memory")):
+        with pytest.raises(type(other)) as raised, distributed.peer_loss_named():
+            raise other
+        assert raised.value is other and handlers == []
+    for collective_error in (lost, dist.DistError("NCCL communicator was aborted")):
+        with pytest.raises(PeerEndedError, match="another training process of its group ended first") as raised:
+            with distributed.peer_loss_named():
+                raise collective_error
+        assert raised.value.__cause__ is collective_error
+        assert handlers.pop() == (signal.SIGTERM, signal.SIG_IGN)
+
+
 def test_a_process_whose_peer_ended_says_so_in_one_line_where_other_errors_keep_their_traceback(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys
 ):
     """Under `cifake train`'s launcher, which names the process that ended, its peer's lost connection is one line
     and a status the launcher never blames; a bug, or the same error under torchrun started by hand, is raised."""
     from cifake_core import cli
-
-    lost = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer")
-    bug = ValueError("a bug")
 
     def fail_with(error: Exception):
         def run(*_) -> None:
@@ -258,8 +276,8 @@ def test_a_process_whose_peer_ended_says_so_in_one_line_where_other_errors_keep_
 
     before = signal.getsignal(signal.SIGTERM)
     monkeypatch.setenv("RANK", "1")
-    monkeypatch.setattr(cli, "_run", fail_with(lost))
-    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+    monkeypatch.setattr(cli, "_run", fail_with(PeerEndedError("another training process of its group ended first")))
+    with pytest.raises(PeerEndedError):
         cli.main(["train"])
     monkeypatch.setenv(LAUNCHER_REPORTS_ERRORS, "1")
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
@@ -268,6 +286,6 @@ def test_a_process_whose_peer_ended_says_so_in_one_line_where_other_errors_keep_
     told = "cifake train: training process 1 stopped: another training process of its group ended\n"
     assert capsys.readouterr().err == told
     assert signal.getsignal(signal.SIGTERM) is before  # torchrun's SIGTERM on the way out just ends the process
-    monkeypatch.setattr(cli, "_run", fail_with(bug))
+    monkeypatch.setattr(cli, "_run", fail_with(ValueError("a bug")))
     with pytest.raises(ValueError, match="a bug"):
         cli.main(["train"])
