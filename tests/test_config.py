@@ -98,6 +98,11 @@ def test_every_experiment_file_only_sets_known_fields(path: Path):
         load_config(path)
 
 
+def test_the_default_experiment_file_is_the_built_in_defaults():
+    """experiments/default.yaml says it writes the defaults out: a default changed in one place only fails here."""
+    assert load_config(ROOT / "experiments" / "default.yaml") == load_config()
+
+
 def _mlproject() -> dict:
     return yaml.safe_load((ROOT / "MLproject").read_text())
 
