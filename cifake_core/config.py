@@ -92,7 +92,7 @@ class TrainConfig:
             f"images per optimisation step and process; 0 = auto: {GPU_BATCH_SIZE} on CUDA, {BATCH_SIZE} elsewhere"
         ),
     )
-    lr: float = field(default=4e-3, metadata=_help("peak learning rate of the one-cycle schedule"))
+    lr: float = field(default=8e-3, metadata=_help("peak learning rate of the one-cycle schedule"))
     weight_decay: float = field(default=0.05, metadata=_help("AdamW weight decay"))
     label_smoothing: float = field(
         default=0.0, metadata=_help("share of each training target spread over both classes; 0 = hard labels")
@@ -249,7 +249,7 @@ def _check(values: dict[str, Any]) -> None:
             values["batch_size"] == 0 or values["batch_size"] >= 2,
             "0 (auto) or at least 2 (BatchNorm needs two images per batch)",
         ),
-        ("lr", 0.0 < values["lr"] < 1.0, "a positive learning rate below 1, e.g. 0.004"),
+        ("lr", 0.0 < values["lr"] < 1.0, "a positive learning rate below 1, e.g. 0.008"),
         (  # AdamW shrinks the weights by lr x weight_decay at each step: at 1 or more it would zero or flip them
             "weight_decay",
             0.0 <= values["weight_decay"] and values["lr"] * values["weight_decay"] < 1.0,

@@ -42,7 +42,7 @@ def test_defaults_then_yaml_then_overrides(tmp_path: Path):
         ({"batch_size": "1"}, "batch_size must be 0 .auto. or at least 2"),
         ({"num_workers": "-2"}, "num_workers must be -1 .one per core., 0 .in-process. or a number"),
         ({"label_smoothing": "0.9"}, "label_smoothing must be between 0 and 0.5"),
-        ({"weight_decay": "-0.1"}, "weight_decay must be 0 .none. or a positive decay below 1 / lr .250., e.g. 0.05"),
+        ({"weight_decay": "-0.1"}, "weight_decay must be 0 .none. or a positive decay below 1 / lr .125., e.g. 0.05"),
         ({"weight_decay": "30", "lr": "0.05"}, "weight_decay must be 0 .none. or a positive decay below 1 / lr .20."),
         ({"grad_clip_norm": "-1"}, "grad_clip_norm must be 0 .no clipping. or a positive norm"),
         ({"translate": "9"}, "translate must be between 0 and a quarter of image_size .8 pixels., got 9"),
