@@ -247,8 +247,8 @@ def test_a_collective_failed_by_a_peers_end_is_raised_as_that_cause_and_other_er
     original, so that the MLflow run records the cause, and torchrun's SIGTERM to the survivors is ignored from
     then on; any other error, a bug included, is raised as it was."""
     lost = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer")
-    monkeypatch.setattr(signal, "signal", lambda signum, handler: handlers.append((signum, handler)))
     handlers = []
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: handlers.append((signum, handler)))
     for other in (ValueError("a bug"), RuntimeError("CUDA out of memory")):
         with pytest.raises(type(other)) as raised, distributed.peer_loss_named():
             raise other
