@@ -197,9 +197,20 @@ def log_params(params: dict[str, Any]) -> None:
     if used := {
         f"{USED_PARAM_TAG_PREFIX}{key}": value
         for key, value in params.items()
-        if key in existing and existing[key] != str(value)
+        if key in existing and _differs(existing[key], value)
     }:
         set_tags(used)
+
+
+def _differs(logged: str, value: Any) -> bool:
+    """Whether a param logged as typed (`-P lr=8e-3`) names another value than `value`, read as `value`'s type: as
+    strings `8e-3` and `0.008` differ, as numbers they are the same learning rate and need no tag."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            return type(value)(logged) != value
+        except ValueError:
+            return True
+    return logged != str(value)
 
 
 @_main_process_only

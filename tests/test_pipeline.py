@@ -431,18 +431,18 @@ def test_a_run_lands_in_its_experiment_when_another_process_just_created_it(trac
     assert MlflowClient().get_run(run_id).info.experiment_id == experiment_id
 
 
-def test_params_mlflow_run_logged_as_typed_keep_that_value_and_what_was_used_is_tagged(
+def test_params_mlflow_run_logged_as_typed_keep_that_value_and_only_other_values_are_tagged(
     tracking_store: str, monkeypatch
 ):
     client = MlflowClient()
     started = client.create_run(client.create_experiment("cifake"))  # as `mlflow run` starts it
-    for name, typed in {"batch_size": "0", "lr": "0.004"}.items():
+    for name, typed in {"batch_size": "0", "lr": "4e-3", "weight_decay": "0.050"}.items():
         client.log_param(started.info.run_id, name, typed)
     monkeypatch.setenv("MLFLOW_RUN_ID", started.info.run_id)
     with tracking.tracked_run("cifake", "train") as run_id:
-        tracking.log_params({"batch_size": 128, "lr": 0.004, "seed": 42})
+        tracking.log_params({"batch_size": 128, "lr": 0.004, "weight_decay": 0.05, "seed": 42})
     run = client.get_run(run_id)
-    assert run.data.params == {"batch_size": "0", "lr": "0.004", "seed": "42"}
+    assert run.data.params == {"batch_size": "0", "lr": "4e-3", "weight_decay": "0.050", "seed": "42"}
     used = {name: value for name, value in run.data.tags.items() if name.startswith(tracking.USED_PARAM_TAG_PREFIX)}
     assert used == {"cifake.used.batch_size": "128"}
 
