@@ -19,7 +19,7 @@ from pandas.io.formats.style import Styler
 from PIL import Image
 
 from cifake_core.preprocessing import ImageSource, load_rgb
-from cifake_core.tracking import PRODUCTION_ALIAS, USED_PARAM_TAG_PREFIX
+from cifake_core.tracking import ERROR_TAG, PRODUCTION_ALIAS, USED_PARAM_TAG_PREFIX
 
 KEY_PARAMS = (
     "epochs",
@@ -109,7 +109,7 @@ def runs_table(runs: Sequence[Mapping[str, Any]], production_version: str | None
                 "test_f1": metrics.get("test_f1", float("nan")),
                 "version": version,
                 "production": bool(version) and version == production_version,
-                "error": tags.get("cifake.error", ""),
+                "error": tags.get(ERROR_TAG, ""),
                 "run_id": run["run_id"],
             }
         )

@@ -26,8 +26,10 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -102,24 +104,34 @@ def run_processes(count: int, arguments: Sequence[str]) -> int:
 def torchrun(arguments: Sequence[str]) -> int:
     """`torchrun ARGUMENTS` in this process with its failure told in one line, and its exit status: the message the
     first failed process left in its error file (`errors.LAUNCHER_REPORTS_ERRORS`), else which process failed and
-    how. torchrun's own report, a traceback and a box per process, would bury the one line a user needs."""
+    how. torchrun's own report, a traceback and a box per process, would bury the one line a user needs. An MLflow
+    run that a process killed outright (SIGKILL, the out-of-memory killer) left RUNNING is ended here, with that
+    line as its error."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    from cifake_core import tracking
+
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("torch.distributed.elastic"):  # each set its level on import, so the parent's is no use
             logging.getLogger(name).setLevel(logging.CRITICAL)
-    try:
-        run(parse_args(list(arguments)))
-    except SignalException as stopped:  # the process that started this one tells of the interruption
-        return 128 + stopped.sigval
-    except ChildFailedError as failed:
-        rank, failure = _first_failure(failed.failures)
-        print(_failure_message(rank, failure), file=sys.stderr)
-        # A message left is a mistake the user can fix, whose status is 2 as in one process; the process that left
-        # it may itself have been stopped by torchrun before it exited.
-        return 2 if _left_message(failure) else 1
+    with tempfile.TemporaryDirectory(prefix="cifake-torchrun-") as folder:
+        run_id_file = Path(folder) / "run_id"
+        os.environ[tracking.RUN_ID_FILE_VARIABLE] = str(run_id_file)  # the processes torchrun starts inherit it
+        try:
+            run(parse_args(list(arguments)))
+        except SignalException as stopped:  # the process that started this one tells of the interruption
+            tracking.end_run_left_running(run_id_file, "KILLED", f"interrupted ({stopped.sigval.name})")
+            return 128 + stopped.sigval
+        except ChildFailedError as failed:
+            rank, failure = _first_failure(failed.failures)
+            message = _failure_message(rank, failure)
+            print(message, file=sys.stderr)
+            tracking.end_run_left_running(run_id_file, "FAILED", message)
+            # A message left is a mistake the user can fix, whose status is 2 as in one process; the process that
+            # left it may itself have been stopped by torchrun before it exited.
+            return 2 if _left_message(failure) else 1
     return 0
 
 

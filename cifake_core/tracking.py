@@ -2,8 +2,9 @@
 
 No other module calls MLflow, so the run lifecycle has one owner: a run always ends FINISHED, FAILED (on an
 exception) or KILLED (Ctrl-C, SIGTERM), never RUNNING, and a model version is registered only after the
-model is fully logged. A process killed outright (SIGKILL, a lost machine) cannot end its run, so a live
-run beats a heartbeat tag and the next stage started in the experiment ends runs whose heartbeat stopped.
+model is fully logged. A process killed outright (SIGKILL, a lost machine) cannot end its run: the launcher of
+`cifake train`'s processes ends it (`end_run_left_running`), and for any other a live run beats a heartbeat tag and
+the next stage started in the experiment ends runs whose heartbeat stopped.
 Under torchrun only rank 0 writes: the other ranks' calls here do nothing. Public MLflow APIs only:
 aliases, not the deprecated stages.
 
@@ -45,6 +46,10 @@ PRODUCTION_ALIAS = "production"
 MODEL_ARTIFACT_NAME = "model"
 CHECKPOINT_ARTIFACT = "checkpoint/best.pt"
 HEARTBEAT_TAG = "cifake.heartbeat"
+ERROR_TAG = "cifake.error"
+# Where the process that starts a run writes its id, when its launcher names a file here: should that process be
+# killed outright, the launcher ends the run (`end_run_left_running`) rather than a later stage's heartbeat check.
+RUN_ID_FILE_VARIABLE = "CIFAKE_RUN_ID_FILE"
 # `mlflow run` logs its parameters as typed (`batch_size=0`, auto); what trained goes beside them under this prefix.
 USED_PARAM_TAG_PREFIX = "cifake.used."
 HEARTBEAT_SECONDS = 30.0
@@ -127,17 +132,36 @@ def end_abandoned_runs(experiment_name: str, silent_for_seconds: float = ABANDON
         if beat is None or now - float(beat) < silent_for_seconds:
             continue
         since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(beat)))
-        client.set_tag(
-            run.info.run_id,
-            "cifake.error",
+        reason = (
             f"abandoned: no heartbeat since {since}, so its process was killed or lost the tracking server; "
-            f"ended by a later stage on {socket.gethostname()}",
+            f"ended by a later stage on {socket.gethostname()}"
         )
-        client.set_terminated(run.info.run_id, status="KILLED")
+        _end_run(client, run.info.run_id, "KILLED", reason)
         ended.append(run.info.run_id)
     if ended:
         log.warning("ended %d abandoned RUNNING run(s) as KILLED: %s", len(ended), ", ".join(ended))
     return ended
+
+
+def end_run_left_running(run_id_file: Path, status: str, reason: str) -> str | None:
+    """End as `status`, with `reason` as its error, the run whose id a process wrote to `run_id_file`
+    (`RUN_ID_FILE_VARIABLE`) if that process left it RUNNING, as one killed outright does; returns its id then,
+    else None (no id written, or the run already ended)."""
+    try:
+        run_id = run_id_file.read_text().strip()
+    except FileNotFoundError:  # the process ended before it started a run
+        return None
+    configure_tracking()
+    client = MlflowClient()
+    if client.get_run(run_id).info.status != "RUNNING":
+        return None
+    _end_run(client, run_id, status, reason)
+    return run_id
+
+
+def _end_run(client: MlflowClient, run_id: str, status: str, reason: str) -> None:
+    client.set_tag(run_id, ERROR_TAG, reason)
+    client.set_terminated(run_id, status=status)
 
 
 @contextlib.contextmanager
@@ -162,6 +186,8 @@ def tracked_run(experiment_name: str, run_name: str, tags: dict[str, str] | None
     status, error_text = "FINISHED", ""
     heartbeat = _Heartbeat(run.info.run_id)
     try:
+        if run_id_file := os.environ.get(RUN_ID_FILE_VARIABLE):
+            Path(run_id_file).write_text(run.info.run_id)
         heartbeat.start()
         experiment = mlflow.get_experiment(run.info.experiment_id)
         if experiment.name != experiment_name:
@@ -182,7 +208,7 @@ def tracked_run(experiment_name: str, run_name: str, tags: dict[str, str] | None
         heartbeat.stop()
         try:
             if error_text:
-                mlflow.set_tag("cifake.error", error_text)
+                mlflow.set_tag(ERROR_TAG, error_text)
         finally:  # the status is written even when the tag cannot be
             mlflow.end_run(status)
 

@@ -447,6 +447,27 @@ def test_params_mlflow_run_logged_as_typed_keep_that_value_and_only_other_values
     assert used == {"cifake.used.batch_size": "128"}
 
 
+def test_a_run_its_process_left_running_is_ended_by_the_launcher_that_named_the_run_id_file(
+    tracking_store: str, tmp_path: Path, monkeypatch
+):
+    run_id_file = tmp_path / "run_id"
+    assert tracking.end_run_left_running(run_id_file, "FAILED", "killed") is None  # the process started no run
+    monkeypatch.setenv(tracking.RUN_ID_FILE_VARIABLE, str(run_id_file))
+    with tracking.tracked_run("cifake", "train") as ended_by_its_process:
+        pass
+    assert run_id_file.read_text() == ended_by_its_process
+    assert tracking.end_run_left_running(run_id_file, "FAILED", "killed") is None
+    client = MlflowClient()
+    assert client.get_run(ended_by_its_process).info.status == "FINISHED"
+    # What a process killed outright leaves: its run RUNNING.
+    left_running = client.create_run(client.get_experiment_by_name("cifake").experiment_id).info.run_id
+    run_id_file.write_text(left_running)
+    reason = "cifake: training process 0 was killed by SIGKILL"
+    assert tracking.end_run_left_running(run_id_file, "FAILED", reason) == left_running
+    run = client.get_run(left_running)
+    assert run.info.status == "FAILED" and run.data.tags[tracking.ERROR_TAG] == reason
+
+
 def test_evaluating_a_missing_model_is_one_clear_line_and_starts_no_run(tracking_store: str, capsys):
     assert main(["evaluate", "--model_uri", "models:/cifake-detector/9", "--num_workers", "0"]) == 2
     assert "cannot load model models:/cifake-detector/9" in capsys.readouterr().err
@@ -554,14 +575,18 @@ def _training_process(launcher_pid: int, rank: int) -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the training processes through /proc")
 @pytest.mark.parametrize(
     ("rank", "stop", "told"),
-    [(1, signal.SIGKILL, "training process 1 was killed by SIGKILL"), (0, signal.SIGTERM, "training process 0 was")],
+    [
+        (1, signal.SIGKILL, "training process 1 was killed by SIGKILL"),
+        (0, signal.SIGTERM, "training process 0 was"),
+        (0, signal.SIGKILL, "training process 0 was killed by SIGKILL"),
+    ],
 )
 def test_a_training_process_ended_alone_is_named_in_one_line_without_its_peers_traceback(
     tiny_demo: Path, tracking_store: str, rank: int, stop: signal.Signals, told: str
 ):
     """The out-of-memory killer or a stray SIGTERM ends one process of the group: its peer's collective fails on
     the lost connection. The user is told which process ended and how, not the peer's gloo traceback, and the
-    run does not stay RUNNING."""
+    run does not stay RUNNING, even when rank 0, which writes it, is the process killed outright."""
     process, run_id = _train_until_validated(tracking_store, tiny_demo, "2")
     try:
         os.kill(_training_process(process.pid, rank), stop)
@@ -571,9 +596,12 @@ def test_a_training_process_ended_alone_is_named_in_one_line_without_its_peers_t
     assert process.returncode == 1, output
     assert told in output.splitlines()[-1] and "Traceback" not in output, output[-3000:]
     run = MlflowClient().get_run(run_id)
+    if (rank, stop) == (0, signal.SIGKILL):  # the launcher ended the run, with the line the user was told
+        assert run.info.status == "FAILED" and told in run.data.tags[tracking.ERROR_TAG], run.data.tags
+        return
     assert run.info.status in {"FAILED", "KILLED"}
     if run.info.status == "FAILED":  # rank 0 saw its peer's end before torchrun's SIGTERM reached it
-        assert "PeerEndedError: another training process" in run.data.tags["cifake.error"], run.data.tags
+        assert "PeerEndedError: another training process" in run.data.tags[tracking.ERROR_TAG], run.data.tags
 
 
 @pytest.mark.slow
