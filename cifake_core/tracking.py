@@ -146,16 +146,25 @@ def end_abandoned_runs(experiment_name: str, silent_for_seconds: float = ABANDON
 def end_run_left_running(run_id_file: Path, status: str, reason: str) -> str | None:
     """End as `status`, with `reason` as its error, the run whose id a process wrote to `run_id_file`
     (`RUN_ID_FILE_VARIABLE`) if that process left it RUNNING, as one killed outright does; returns its id then,
-    else None (no id written, or the run already ended)."""
+    else None (no id written, the run already ended, or the tracking store unreachable: a warning)."""
     try:
         run_id = run_id_file.read_text().strip()
     except FileNotFoundError:  # the process ended before it started a run
         return None
     configure_tracking()
     client = MlflowClient()
-    if client.get_run(run_id).info.status != "RUNNING":
+    try:
+        if client.get_run(run_id).info.status != "RUNNING":
+            return None
+        _end_run(client, run_id, status, reason)
+    except (MlflowException, OSError) as error:  # the failure being reported matters more than this
+        log.warning(
+            "could not end run %s (%s): the next stage in its experiment ends it once its heartbeat is %d minutes old",
+            run_id,
+            error,
+            ABANDONED_AFTER_SECONDS // 60,
+        )
         return None
-    _end_run(client, run_id, status, reason)
     return run_id
 
 

@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from cifake_core import pipeline, tracking
@@ -466,6 +467,21 @@ def test_a_run_its_process_left_running_is_ended_by_the_launcher_that_named_the_
     assert tracking.end_run_left_running(run_id_file, "FAILED", reason) == left_running
     run = client.get_run(left_running)
     assert run.info.status == "FAILED" and run.data.tags[tracking.ERROR_TAG] == reason
+
+
+def test_a_launcher_that_cannot_reach_the_tracking_store_warns_and_leaves_the_run_to_the_heartbeat_check(
+    tracking_store: str, tmp_path: Path, monkeypatch, caplog
+):
+    client = MlflowClient()
+    left_running = client.create_run(client.create_experiment("cifake")).info.run_id
+    (run_id_file := tmp_path / "run_id").write_text(left_running)
+
+    def unreachable(*args, **kwargs):
+        raise MlflowException("API request failed: connection refused")
+
+    monkeypatch.setattr(MlflowClient, "set_terminated", unreachable)
+    assert tracking.end_run_left_running(run_id_file, "FAILED", "killed") is None
+    assert f"could not end run {left_running}" in caplog.text and "connection refused" in caplog.text
 
 
 def test_evaluating_a_missing_model_is_one_clear_line_and_starts_no_run(tracking_store: str, capsys):
