@@ -103,20 +103,26 @@ class _Heartbeat:
         client, warned = MlflowClient(), False
         while not self.stopped.wait(HEARTBEAT_SECONDS):
             try:
-                client.set_tag(self.run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
+                client.set_tag(self.run_id, HEARTBEAT_TAG, _heartbeat_stamp())
             except Exception as error:  # a missed beat must never disturb the run itself
                 if not warned:
                     log.warning("cannot write the run's heartbeat (%s); retrying quietly", error)
                     warned = True
 
     def start(self) -> None:
-        MlflowClient().set_tag(self.run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
+        MlflowClient().set_tag(self.run_id, HEARTBEAT_TAG, _heartbeat_stamp())
         self.thread.start()
 
     def stop(self) -> None:
         self.stopped.set()
         if self.thread.is_alive():
             self.thread.join()
+
+
+def _heartbeat_stamp() -> str:
+    """Now, in whole seconds rounded down: a beat rounded up would lie up to half a second in the future, and a run
+    killed at once would not yet count as silent for `end_abandoned_runs(..., silent_for_seconds=0)`."""
+    return str(int(time.time()))
 
 
 def end_abandoned_runs(experiment_name: str, silent_for_seconds: float = ABANDONED_AFTER_SECONDS) -> list[str]:

@@ -448,6 +448,13 @@ def test_params_mlflow_run_logged_as_typed_keep_that_value_and_only_other_values
     assert used == {"cifake.used.batch_size": "128"}
 
 
+def test_a_heartbeat_is_stamped_in_whole_seconds_never_in_the_future(monkeypatch):
+    """A beat rounded up (1000.6 s as 1001) left a run killed at once not yet silent for `end_abandoned_runs(...,
+    silent_for_seconds=0)`, and test_shared_server's test of a training killed outright failed now and then."""
+    monkeypatch.setattr(tracking.time, "time", lambda: 1000.6)
+    assert tracking._heartbeat_stamp() == "1000"
+
+
 def test_a_run_its_process_left_running_is_ended_by_the_launcher_that_named_the_run_id_file(
     tracking_store: str, tmp_path: Path, monkeypatch
 ):
