@@ -41,6 +41,7 @@ from cifake_core.errors import (
     INTERRUPTED_STATUS,
     LAUNCHER_REPORTS_ERRORS,
     PEER_ENDED_STATUS,
+    RUN_ID_FILE_VARIABLE,
     DeviceError,
     PeerEndedError,
 )
@@ -111,28 +112,29 @@ def torchrun(arguments: Sequence[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    from cifake_core import tracking
-
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("torch.distributed.elastic"):  # each set its level on import, so the parent's is no use
             logging.getLogger(name).setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="cifake-torchrun-") as folder:
         run_id_file = Path(folder) / "run_id"
-        os.environ[tracking.RUN_ID_FILE_VARIABLE] = str(run_id_file)  # the processes torchrun starts inherit it
+        os.environ[RUN_ID_FILE_VARIABLE] = str(run_id_file)  # the processes torchrun starts inherit it
         try:
             run(parse_args(list(arguments)))
+            return 0
         except SignalException as stopped:  # the process that started this one tells of the interruption
-            tracking.end_run_left_running(run_id_file, "KILLED", f"interrupted ({stopped.sigval.name})")
-            return 128 + stopped.sigval
+            status, reason, exit_status = "KILLED", f"interrupted ({stopped.sigval.name})", 128 + stopped.sigval
         except ChildFailedError as failed:
             rank, failure = _first_failure(failed.failures)
-            message = _failure_message(rank, failure)
-            print(message, file=sys.stderr)
-            tracking.end_run_left_running(run_id_file, "FAILED", message)
+            status, reason = "FAILED", _failure_message(rank, failure)
+            print(reason, file=sys.stderr)
             # A message left is a mistake the user can fix, whose status is 2 as in one process; the process that
             # left it may itself have been stopped by torchrun before it exited.
-            return 2 if _left_message(failure) else 1
-    return 0
+            exit_status = 2 if _left_message(failure) else 1
+        # Imported only now: MLflow would delay every group's start by 1.3-1.6 s, and only a failure needs it.
+        from cifake_core import tracking
+
+        tracking.end_run_left_running(run_id_file, status, reason)
+        return exit_status
 
 
 def _first_failure(failures: dict[int, ProcessFailure]) -> tuple[int, ProcessFailure]:

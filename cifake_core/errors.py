@@ -9,6 +9,9 @@ Usage:
 # file rather than printing it, and the launching process prints the first failure's once
 # (`distributed.torchrun`), where every process would print the same line amid torchrun's report.
 LAUNCHER_REPORTS_ERRORS = "CIFAKE_LAUNCHER_REPORTS_ERRORS"
+# Set by the same launcher: the file where the process that starts the MLflow run writes its id, so that the
+# launcher can end the run should that process be killed outright (`tracking.end_run_left_running`).
+RUN_ID_FILE_VARIABLE = "CIFAKE_RUN_ID_FILE"
 # The exit status of a command stopped by Ctrl-C or SIGTERM, as a shell reports Ctrl-C (128 + SIGINT).
 INTERRUPTED_STATUS = 130
 # The exit status of a training process whose collective failed because another process of its group ended: never

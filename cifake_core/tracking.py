@@ -39,7 +39,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 import cifake_core
-from cifake_core.errors import RegistryError
+from cifake_core.errors import RUN_ID_FILE_VARIABLE, RegistryError
 from cifake_core.pyfunc_model import ONNX_ARTIFACT, THRESHOLDS_ARTIFACT, model_signature
 
 PRODUCTION_ALIAS = "production"
@@ -47,9 +47,6 @@ MODEL_ARTIFACT_NAME = "model"
 CHECKPOINT_ARTIFACT = "checkpoint/best.pt"
 HEARTBEAT_TAG = "cifake.heartbeat"
 ERROR_TAG = "cifake.error"
-# Where the process that starts a run writes its id, when its launcher names a file here: should that process be
-# killed outright, the launcher ends the run (`end_run_left_running`) rather than a later stage's heartbeat check.
-RUN_ID_FILE_VARIABLE = "CIFAKE_RUN_ID_FILE"
 # `mlflow run` logs its parameters as typed (`batch_size=0`, auto); what trained goes beside them under this prefix.
 USED_PARAM_TAG_PREFIX = "cifake.used."
 HEARTBEAT_SECONDS = 30.0
