@@ -168,8 +168,7 @@ def _run(arguments: argparse.Namespace, argv: Sequence[str]) -> int | None:
             device_type = resolve_device(config.train.device).type
             processes = distributed.process_count(config.train.processes, device_type, usable_cores())
             if processes > 1:
-                pipeline.check_training_data(config)
-                return distributed.run_processes(processes, argv)
+                return pipeline.launch_training(config, processes, argv)
         result = pipeline.train(config)
         if result is None:  # a torchrun rank other than 0: rank 0 reports
             return None

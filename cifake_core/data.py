@@ -385,6 +385,13 @@ def write_split_files(prepared: PreparedData, output_dir: Path) -> tuple[Path, P
     return manifest_path, summary_path
 
 
+def read_split_files(folder: Path) -> PreparedData:
+    """The splits that `write_split_files` wrote to folder."""
+    summary = json.loads((folder / SUMMARY_FILE).read_text())
+    manifest = pd.read_csv(folder / MANIFEST_FILE, dtype=str, keep_default_na=False)
+    return PreparedData(root=Path(summary["root"]), manifest=manifest, summary=summary)
+
+
 def _decode(task: tuple[str, int]) -> np.ndarray:
     path, image_size = task
     return preprocess_image(path, image_size)

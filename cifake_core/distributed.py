@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -80,13 +80,13 @@ def _terminate_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
-def run_processes(count: int, arguments: Sequence[str]) -> int:
-    """Run `cifake ARGUMENTS` as `count` processes of one torchrun group on this machine and wait; returns torchrun's
-    exit status. Each process gets an equal share of the cores as threads unless OMP_NUM_THREADS is set. Ctrl-C or
-    SIGTERM here (a KeyboardInterrupt) is passed on as SIGTERM, and so is this process's death by SIGKILL, so rank 0
-    still ends its MLflow run KILLED."""
+def run_processes(count: int, arguments: Sequence[str], variables: Mapping[str, str]) -> int:
+    """Run `cifake ARGUMENTS` as `count` processes of one torchrun group on this machine, with the environment
+    `variables` added, and wait; returns torchrun's exit status. Each process gets an equal share of the cores as
+    threads unless OMP_NUM_THREADS is set. Ctrl-C or SIGTERM here (a KeyboardInterrupt) is passed on as SIGTERM, and
+    so is this process's death by SIGKILL, so rank 0 still ends its MLflow run KILLED."""
     threads = os.environ.get("OMP_NUM_THREADS", str(max(1, usable_cores() // count)))
-    environment = os.environ | {"OMP_NUM_THREADS": threads, LAUNCHER_REPORTS_ERRORS: "1"}
+    environment = os.environ | dict(variables) | {"OMP_NUM_THREADS": threads, LAUNCHER_REPORTS_ERRORS: "1"}
     log.info("training as %d processes of %s thread(s) each (processes=1: this process alone)", count, threads)
     launcher = subprocess.Popen(
         [sys.executable, "-m", "cifake_core.distributed", "--standalone", f"--nproc_per_node={count}"]

@@ -32,6 +32,7 @@ from cifake_core.data import (
     find_dataset_root,
     load_split_arrays,
     prepare_splits,
+    read_split_files,
     write_split_files,
 )
 from cifake_core.errors import DatasetError
@@ -577,9 +578,9 @@ def test_split_files_read_back_to_the_same_content_and_leave_no_temporary_files(
         manifest_path, summary_path = write_split_files(prepared, output)
     assert (manifest_path, summary_path) == (output / MANIFEST_FILE, output / SUMMARY_FILE)
     assert sorted(os.listdir(output)) == sorted([MANIFEST_FILE, SUMMARY_FILE])
-    read_back = pd.read_csv(manifest_path, dtype=str, keep_default_na=False)
-    pd.testing.assert_frame_equal(read_back, prepared.manifest, check_dtype=False)
-    assert json.loads(summary_path.read_text()) == prepared.summary
+    read_back = read_split_files(output)
+    pd.testing.assert_frame_equal(read_back.manifest, prepared.manifest)
+    assert read_back.summary == prepared.summary and read_back.root == prepared.root
 
 
 # --- download -----------------------------------------------------------------------------------------------------
