@@ -86,20 +86,21 @@ def run_processes(count: int, arguments: Sequence[str], variables: Mapping[str, 
     threads unless OMP_NUM_THREADS is set. Ctrl-C or SIGTERM here (a KeyboardInterrupt) is passed on as SIGTERM, and
     so is this process's death by SIGKILL, so rank 0 still ends its MLflow run KILLED."""
     threads = os.environ.get("OMP_NUM_THREADS", str(max(1, usable_cores() // count)))
-    environment = os.environ | dict(variables) | {"OMP_NUM_THREADS": threads, LAUNCHER_REPORTS_ERRORS: "1"}
     log.info("training as %d processes of %s thread(s) each (processes=1: this process alone)", count, threads)
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "cifake_core.distributed", "--standalone", f"--nproc_per_node={count}"]
-        + ["-m", "cifake_core.cli", *arguments],
-        env=environment,
-        preexec_fn=_terminate_with_parent,  # torchrun passes SIGTERM on to the processes it started
-    )
-    try:
-        return launcher.wait()
-    except KeyboardInterrupt:
-        launcher.send_signal(signal.SIGTERM)
-        launcher.wait()
-        raise
+    with tempfile.TemporaryDirectory(prefix="cifake-torchrun-") as folder:
+        own = {"OMP_NUM_THREADS": threads, LAUNCHER_REPORTS_ERRORS: "1", RUN_ID_FILE_VARIABLE: f"{folder}/run_id"}
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "cifake_core.distributed", "--standalone", f"--nproc_per_node={count}"]
+            + ["-m", "cifake_core.cli", *arguments],
+            env=os.environ | dict(variables) | own,
+            preexec_fn=_terminate_with_parent,  # torchrun passes SIGTERM on to the processes it started
+        )
+        try:
+            return launcher.wait()
+        except KeyboardInterrupt:
+            launcher.send_signal(signal.SIGTERM)
+            launcher.wait()
+            raise
 
 
 def torchrun(arguments: Sequence[str]) -> int:
@@ -107,7 +108,7 @@ def torchrun(arguments: Sequence[str]) -> int:
     first failed process left in its error file (`errors.LAUNCHER_REPORTS_ERRORS`), else which process failed and
     how. torchrun's own report, a traceback and a box per process, would bury the one line a user needs. An MLflow
     run that a process killed outright (SIGKILL, the out-of-memory killer) left RUNNING is ended here, with that
-    line as its error."""
+    line as its error: its id is in the file that `run_processes` names in `RUN_ID_FILE_VARIABLE`."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
@@ -115,26 +116,23 @@ def torchrun(arguments: Sequence[str]) -> int:
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("torch.distributed.elastic"):  # each set its level on import, so the parent's is no use
             logging.getLogger(name).setLevel(logging.CRITICAL)
-    with tempfile.TemporaryDirectory(prefix="cifake-torchrun-") as folder:
-        run_id_file = Path(folder) / "run_id"
-        os.environ[RUN_ID_FILE_VARIABLE] = str(run_id_file)  # the processes torchrun starts inherit it
-        try:
-            run(parse_args(list(arguments)))
-            return 0
-        except SignalException as stopped:  # the process that started this one tells of the interruption
-            status, reason, exit_status = "KILLED", f"interrupted ({stopped.sigval.name})", 128 + stopped.sigval
-        except ChildFailedError as failed:
-            rank, failure = _first_failure(failed.failures)
-            status, reason = "FAILED", _failure_message(rank, failure)
-            print(reason, file=sys.stderr)
-            # A message left is a mistake the user can fix, whose status is 2 as in one process; the process that
-            # left it may itself have been stopped by torchrun before it exited.
-            exit_status = 2 if _left_message(failure) else 1
-        # Imported only now: MLflow would delay every group's start by 1.3-1.6 s, and only a failure needs it.
-        from cifake_core import tracking
+    try:
+        run(parse_args(list(arguments)))
+        return 0
+    except SignalException as stopped:  # the process that started this one tells of the interruption
+        status, reason, exit_status = "KILLED", f"interrupted ({stopped.sigval.name})", 128 + stopped.sigval
+    except ChildFailedError as failed:
+        rank, failure = _first_failure(failed.failures)
+        status, reason = "FAILED", _failure_message(rank, failure)
+        print(reason, file=sys.stderr)
+        # A message left is a mistake the user can fix, whose status is 2 as in one process; the process that
+        # left it may itself have been stopped by torchrun before it exited.
+        exit_status = 2 if _left_message(failure) else 1
+    # Imported only now: MLflow would delay every group's start by 1.3-1.6 s, and only a failure needs it.
+    from cifake_core import tracking
 
-        tracking.end_run_left_running(run_id_file, status, reason)
-        return exit_status
+    tracking.end_run_left_running(Path(os.environ[RUN_ID_FILE_VARIABLE]), status, reason)
+    return exit_status
 
 
 def _first_failure(failures: dict[int, ProcessFailure]) -> tuple[int, ProcessFailure]:
