@@ -23,12 +23,12 @@ import ctypes
 import datetime
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,6 +39,7 @@ from torch.utils.data import DistributedSampler
 from cifake_core.data import usable_cores
 from cifake_core.errors import (
     INTERRUPTED_STATUS,
+    LAUNCH_FOLDER_VARIABLE,
     LAUNCHER_REPORTS_ERRORS,
     PEER_ENDED_STATUS,
     RUN_ID_FILE_VARIABLE,
@@ -80,35 +81,39 @@ def _terminate_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
-def run_processes(count: int, arguments: Sequence[str], variables: Mapping[str, str]) -> int:
-    """Run `cifake ARGUMENTS` as `count` processes of one torchrun group on this machine, with the environment
-    `variables` added, and wait; returns torchrun's exit status. Each process gets an equal share of the cores as
-    threads unless OMP_NUM_THREADS is set. Ctrl-C or SIGTERM here (a KeyboardInterrupt) is passed on as SIGTERM, and
-    so is this process's death by SIGKILL, so rank 0 still ends its MLflow run KILLED."""
+def run_processes(count: int, arguments: Sequence[str], launch_folder: Path) -> int:
+    """Run `cifake ARGUMENTS` as `count` processes of one torchrun group on this machine and wait; returns torchrun's
+    exit status. `launch_folder`, a temporary folder made for this launch, is passed on (`LAUNCH_FOLDER_VARIABLE`)
+    and removed when torchrun's wrapper ends. Each process gets an equal share of the cores as threads unless
+    OMP_NUM_THREADS is set. Ctrl-C or SIGTERM here (a KeyboardInterrupt) is passed on as SIGTERM, and so is this
+    process's death by SIGKILL, so rank 0 still ends its MLflow run KILLED."""
     threads = os.environ.get("OMP_NUM_THREADS", str(max(1, usable_cores() // count)))
     log.info("training as %d processes of %s thread(s) each (processes=1: this process alone)", count, threads)
-    with tempfile.TemporaryDirectory(prefix="cifake-torchrun-") as folder:
-        own = {"OMP_NUM_THREADS": threads, LAUNCHER_REPORTS_ERRORS: "1", RUN_ID_FILE_VARIABLE: f"{folder}/run_id"}
+    launch = {LAUNCH_FOLDER_VARIABLE: str(launch_folder), RUN_ID_FILE_VARIABLE: str(launch_folder / "run_id")}
+    try:
         launcher = subprocess.Popen(
             [sys.executable, "-m", "cifake_core.distributed", "--standalone", f"--nproc_per_node={count}"]
             + ["-m", "cifake_core.cli", *arguments],
-            env=os.environ | dict(variables) | own,
+            env=os.environ | launch | {"OMP_NUM_THREADS": threads, LAUNCHER_REPORTS_ERRORS: "1"},
             preexec_fn=_terminate_with_parent,  # torchrun passes SIGTERM on to the processes it started
         )
-        try:
-            return launcher.wait()
-        except KeyboardInterrupt:
-            launcher.send_signal(signal.SIGTERM)
-            launcher.wait()
-            raise
+    except BaseException:
+        shutil.rmtree(launch_folder, ignore_errors=True)
+        raise
+    try:
+        return launcher.wait()
+    except KeyboardInterrupt:
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait()
+        raise
 
 
-def torchrun(arguments: Sequence[str]) -> int:
+def torchrun(arguments: Sequence[str], run_id_file: Path) -> int:
     """`torchrun ARGUMENTS` in this process with its failure told in one line, and its exit status: the message the
     first failed process left in its error file (`errors.LAUNCHER_REPORTS_ERRORS`), else which process failed and
     how. torchrun's own report, a traceback and a box per process, would bury the one line a user needs. An MLflow
     run that a process killed outright (SIGKILL, the out-of-memory killer) left RUNNING is ended here, with that
-    line as its error: its id is in the file that `run_processes` names in `RUN_ID_FILE_VARIABLE`."""
+    line as its error: its id is in `run_id_file`."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
@@ -131,7 +136,7 @@ def torchrun(arguments: Sequence[str]) -> int:
     # Imported only now: MLflow would delay every group's start by 1.3-1.6 s, and only a failure needs it.
     from cifake_core import tracking
 
-    tracking.end_run_left_running(Path(os.environ[RUN_ID_FILE_VARIABLE]), status, reason)
+    tracking.end_run_left_running(run_id_file, status, reason)
     return exit_status
 
 
@@ -322,4 +327,8 @@ def gather_shards(local: torch.Tensor, count: int) -> torch.Tensor:
 
 
 if __name__ == "__main__":  # how `run_processes` starts torchrun
-    sys.exit(torchrun(sys.argv[1:]))
+    try:
+        status = torchrun(sys.argv[1:], Path(os.environ[RUN_ID_FILE_VARIABLE]))
+    finally:  # the launch folder is this process's to remove: it outlives a launcher killed outright
+        shutil.rmtree(os.environ[LAUNCH_FOLDER_VARIABLE], ignore_errors=True)
+    sys.exit(status)

@@ -12,9 +12,10 @@ LAUNCHER_REPORTS_ERRORS = "CIFAKE_LAUNCHER_REPORTS_ERRORS"
 # Set by the same launcher: the file where the process that starts the MLflow run writes its id, so that the
 # launcher can end the run should that process be killed outright (`tracking.end_run_left_running`).
 RUN_ID_FILE_VARIABLE = "CIFAKE_RUN_ID_FILE"
-# Set by the same launcher: the folder holding the splits it made when it checked the data
-# (`data.write_split_files`), which the processes read instead of each scanning the dataset again.
-SPLITS_FOLDER_VARIABLE = "CIFAKE_SPLITS_FOLDER"
+# Set by the same launcher: the folder it made for one launch, which holds the run-id file and the splits it made
+# when it checked the data (`data.write_split_files`), read by the processes instead of each scanning the dataset
+# again. torchrun's wrapper removes it when it ends, as it outlives a launcher killed outright.
+LAUNCH_FOLDER_VARIABLE = "CIFAKE_LAUNCH_FOLDER"
 # The exit status of a command stopped by Ctrl-C or SIGTERM, as a shell reports Ctrl-C (128 + SIGINT).
 INTERRUPTED_STATUS = 130
 # The exit status of a training process whose collective failed because another process of its group ended: never

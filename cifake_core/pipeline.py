@@ -17,6 +17,7 @@ import dataclasses
 import io
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -37,6 +38,7 @@ from cifake_core.data import (
     PreparedData,
     array_cache_folder,
     find_dataset_root,
+    fingerprint_manifest,
     load_split_arrays,
     prepare_splits,
     read_split_files,
@@ -60,7 +62,7 @@ from cifake_core.engine import (
     train_one_epoch,
     training_memory_format,
 )
-from cifake_core.errors import SPLITS_FOLDER_VARIABLE, DatasetError
+from cifake_core.errors import LAUNCH_FOLDER_VARIABLE, DatasetError
 from cifake_core.metrics import binary_metrics, confusion, curves, threshold_report
 from cifake_core.models import (
     TIMM_STEM_STRIDE,
@@ -83,6 +85,8 @@ CPU_EVAL_BATCH_SIZE = 32
 GPU_EVAL_BATCH_SIZE = 512
 # Decoded splits live in memory (on the device when it is a GPU); leave the rest of RAM to the model and OS.
 MAX_SHARE_OF_MEMORY_FOR_IMAGES = 0.5
+# The data settings that shape the splits, each recorded in their summary.
+_SPLIT_SETTINGS = ("val_fraction", "max_train_per_class", "max_test_per_class", "seed")
 log = logging.getLogger(__name__)
 
 
@@ -187,19 +191,38 @@ def launch_training(config: RunConfig, processes: int, arguments: Sequence[str])
     this process, not one from each process amid torchrun's report, and the processes read the splits made here
     instead of each scanning the dataset again, one after another (about 4 s a scan of CIFAKE). Returns torchrun's
     exit status."""
+    return distributed.run_processes(processes, arguments, _launch_folder_with_splits(config))
+
+
+def _launch_folder_with_splits(config: RunConfig) -> Path:
+    """A new temporary folder holding the splits of `config`'s data, checked first."""
     root, name = resolve_dataset(config.data.data_dir)
     prepared = prepare(root, name, config.data, config.train.num_workers)
     _check_memory(len(prepared.manifest), config.model.image_size)
-    with tempfile.TemporaryDirectory(prefix="cifake-splits-") as folder:
-        write_split_files(prepared, Path(folder))
-        return distributed.run_processes(processes, arguments, {SPLITS_FOLDER_VARIABLE: folder})
+    folder = Path(tempfile.mkdtemp(prefix="cifake-launch-"))
+    try:
+        write_split_files(prepared, folder)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder
 
 
-def _prepare_for_training(root: Path, name: str, data: DataConfig, num_workers: int) -> PreparedData:
-    """The splits the launcher made for this process's group (`launch_training`), else a scan of its own."""
-    if folder := os.environ.get(SPLITS_FOLDER_VARIABLE):
-        return read_split_files(Path(folder))
-    return prepare(root, name, data, num_workers)
+def _launcher_splits(root: Path, data: DataConfig) -> PreparedData | None:
+    """The splits `launch_training` made for this process's group, if it made them, they read back whole and they
+    were made from `data` in `root`; else None."""
+    folder = os.environ.get(LAUNCH_FOLDER_VARIABLE)
+    if not folder or not distributed.launched_by_torchrun():
+        return None
+    splits = read_split_files(Path(folder))
+    made_for = {"root": str(root)} | {key: getattr(data, key) for key in _SPLIT_SETTINGS}
+    if fingerprint_manifest(splits.manifest) == splits.fingerprint and all(
+        splits.summary[key] == value for key, value in made_for.items()
+    ):
+        return splits
+    # A CSV cannot keep a carriage return in a file name, for one; a scan can.
+    log.warning("the launcher's splits in %s do not read back as made for this run: scanning the data", folder)
+    return None
 
 
 def eval_batch_size(device: torch.device) -> int:
@@ -468,8 +491,10 @@ def _train(config: RunConfig, device: torch.device) -> TrainingResult | None:
         (work / "config.yaml").write_text(yaml.safe_dump(config.flat(), sort_keys=False))
         tracking.log_artifact(work / "config.yaml")
 
-        with distributed.local_main_first():  # a scan: one process per node reads files, the others its cache
-            prepared = _prepare_for_training(root, name, config.data, config.train.num_workers)
+        # The launcher's splits; else (a torchrun started by hand) one process per node scans the files and the
+        # others read its scan cache.
+        with distributed.local_main_first():
+            prepared = _launcher_splits(root, config.data) or prepare(root, name, config.data, config.train.num_workers)
         _log_prepared(prepared, work, context="training")
         _check_memory(len(prepared.manifest), config.model.image_size)
         started = time.perf_counter()

@@ -583,6 +583,21 @@ def test_split_files_read_back_to_the_same_content_and_leave_no_temporary_files(
     assert read_back.summary == prepared.summary and read_back.root == prepared.root
 
 
+def test_split_files_keep_file_names_a_csv_could_mangle(make_dataset, tmp_path: Path) -> None:
+    """The training processes of a launched run train on the split files, not a scan: a name with a comma, quotes,
+    a line break or spaces at its ends, or one that reads as a missing value, comes back as written."""
+    root = make_dataset(train=6, test=2)
+    awkward = ["a, b.jpg", 'say "fake".jpg', "NA.jpg", " spaced .jpg", "line\nbreak.jpg", "nan.JPG"]
+    for index, name in enumerate(awkward):
+        (root / "train" / "FAKE" / name).write_bytes(image_bytes(100 + index))
+    prepared = prepare(root)
+    assert {f"train/FAKE/{name}" for name in awkward} <= set(prepared.manifest.path)
+    write_split_files(prepared, tmp_path / "splits")
+    read_back = read_split_files(tmp_path / "splits")
+    pd.testing.assert_frame_equal(read_back.manifest, prepared.manifest)
+    assert data.fingerprint_manifest(read_back.manifest) == prepared.fingerprint
+
+
 # --- download -----------------------------------------------------------------------------------------------------
 
 

@@ -184,8 +184,11 @@ def test_train_starts_its_own_process_group_and_rank_0_alone_reports(tiny_demo: 
     (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("cifake").experiment_id])
     assert run.info.status == "FINISHED" and result["run_id"] == run.info.run_id
     assert run.data.params["processes"] == "2"  # the world size the workers joined, not the flag echoed
-    # The launcher scans the data once; the processes read its splits instead of scanning again.
+    # The launcher scans the data once; the processes read its splits instead of scanning again, the same splits.
     assert done.stderr.count("scanning ") == 1, done.stderr[-3000:]
+    data = RunConfig().data
+    scanned = prepare_splits(tiny_demo, data.val_fraction, 0, 0, data.seed, 0)
+    assert run.data.tags["cifake.dataset_fingerprint"] == scanned.fingerprint
     # Both processes build the model; the node's first alone warns that the ImageNet weights are out of reach.
     assert done.stderr.count("no ImageNet weights") <= 1, done.stderr[-3000:]
 

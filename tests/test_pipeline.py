@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -21,13 +22,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import image_bytes
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from cifake_core import pipeline, tracking
 from cifake_core.cli import main
-from cifake_core.config import BATCH_SIZE, TrainConfig, load_config
+from cifake_core.config import BATCH_SIZE, DataConfig, TrainConfig, load_config
+from cifake_core.data import write_split_files
+from cifake_core.errors import LAUNCH_FOLDER_VARIABLE
 from cifake_core.models import create_model, load_checkpoint
 from cifake_core.onnx_runtime import INPUT_NAME, OUTPUT_NAME, onnx_session
 from cifake_core.preprocessing import preprocess_image
@@ -448,6 +452,30 @@ def test_params_mlflow_run_logged_as_typed_keep_that_value_and_only_other_values
     assert used == {"cifake.used.batch_size": "128"}
 
 
+def test_training_processes_take_the_launchers_splits_only_as_made_for_their_run(
+    make_dataset, tmp_path: Path, monkeypatch, caplog
+):
+    """A process of a launched group reads the splits its launcher made instead of scanning again, but not splits
+    made from other settings or another folder, nor ones that do not read back whole (a CSV turns a carriage return
+    in a file name into a line break): it scans then, and says so."""
+    root = make_dataset(train=6, test=2)
+    data = DataConfig(val_fraction=0.25, seed=3)
+    made = pipeline.prepare(root, root.name, data, num_workers=0)
+    launch = tmp_path / "launch"
+    write_split_files(made, launch)
+    monkeypatch.setenv(LAUNCH_FOLDER_VARIABLE, str(launch))
+    assert pipeline._launcher_splits(root, data) is None  # not a process of a torchrun group
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    pd.testing.assert_frame_equal(pipeline._launcher_splits(root, data).manifest, made.manifest)
+    assert "do not read back" not in caplog.text
+    assert pipeline._launcher_splits(root, dataclasses.replace(data, seed=4)) is None
+    assert pipeline._launcher_splits(make_dataset(name="other"), data) is None
+    (root / "train" / "REAL" / "carriage\rreturn.jpg").write_bytes(image_bytes(500))
+    write_split_files(pipeline.prepare(root, root.name, data, num_workers=0), launch)
+    assert pipeline._launcher_splits(root, data) is None
+    assert caplog.text.count("do not read back as made for this run: scanning the data") == 3
+
+
 def test_a_heartbeat_is_stamped_in_whole_seconds_never_in_the_future(monkeypatch):
     """A beat rounded up (1000.6 s as 1001) left a run killed at once not yet silent for `end_abandoned_runs(...,
     silent_for_seconds=0)`, and test_shared_server's test of a training killed outright failed now and then."""
@@ -544,11 +572,15 @@ def _subprocess_env(tracking_store: str) -> dict[str, str]:
     [("1", signal.SIGTERM, 130), ("2", signal.SIGTERM, 130), ("2", signal.SIGKILL, -signal.SIGKILL)],
 )
 def test_stopping_training_mid_run_ends_the_run_killed(
-    tiny_demo: Path, tracking_store: str, processes: str, stop: signal.Signals, status: int
+    tiny_demo: Path, tracking_store: str, processes: str, stop: signal.Signals, status: int, tmp_path: Path
 ):
     """SIGTERM in one process; through the process group `train` starts itself, SIGTERM and even SIGKILL of the
-    launcher, whose torchrun the kernel then sends SIGTERM: no training outlives it, and no run stays RUNNING."""
-    process, run_id = _train_until_validated(tracking_store, tiny_demo, processes)
+    launcher, whose torchrun the kernel then sends SIGTERM: no training outlives it, no run stays RUNNING, and no
+    temporary folder is left behind (the launch folder is removed by torchrun's wrapper, which outlives a launcher
+    killed outright)."""
+    temporary = tmp_path / "temporary"
+    temporary.mkdir()
+    process, run_id = _train_until_validated(tracking_store, tiny_demo, processes, TMPDIR=str(temporary))
     try:
         process.send_signal(stop)
         output, _ = process.communicate(timeout=120)  # the output ends when every process writing it has ended
@@ -556,15 +588,22 @@ def test_stopping_training_mid_run_ends_the_run_killed(
         process.kill()
     assert process.returncode == status, output
     assert MlflowClient().get_run(run_id).info.status == "KILLED"
+    assert not list(temporary.glob("cifake-*")), list(temporary.iterdir())
 
 
-def _train_until_validated(tracking_store: str, data_dir: Path, processes: str) -> tuple[subprocess.Popen, str]:
-    """`cifake train` for 500 epochs as `processes` processes, returned running once its first epoch is logged, and
-    its run's id."""
+def _train_until_validated(
+    tracking_store: str, data_dir: Path, processes: str, **environment: str
+) -> tuple[subprocess.Popen, str]:
+    """`cifake train` for 500 epochs as `processes` processes, with `environment` added to this one's, returned
+    running once its first epoch is logged, and its run's id."""
     command = [sys.executable, "-m", "cifake_core.cli", "train", "--data_dir", str(data_dir), "--epochs", "500"]
     command += ["--batch_size", "16", "--num_workers", "0", "--device", "cpu", "--processes", processes]
     process = subprocess.Popen(
-        command, env=_subprocess_env(tracking_store), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command,
+        env=_subprocess_env(tracking_store) | environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None:
