@@ -242,7 +242,7 @@ def _predict(arguments: argparse.Namespace) -> int:
     scorer = load_scorer(arguments.model_uri)
     results = predict_files(files, scorer, arguments.threshold)
     if arguments.explain:
-        results = explain_results(results, arguments.model_uri, scorer.image_size, arguments.explain)
+        results = explain_results(results, files, arguments.model_uri, scorer.image_size, arguments.explain)
     write_results(results, arguments.output)
     failed = int((results["error"] != "").sum())
     print(

@@ -5,9 +5,10 @@ REAL), possibly one folder down as the Kaggle zip unpacks. Splits are never copi
 (path, label, split, sha256) and `dataset_summary.json` says how it was built. Exact duplicates are found
 by content hash: inside a split one copy is kept, and a train image whose bytes also occur in test is
 dropped from train, so the test split stays the published one and holds nothing the model trained on.
-Unreadable images are skipped and listed, never fatal. Each file's hash and check are remembered by path, size
-and times (`scan_cache_folder()`), so a later scan of an unchanged folder reads no image; decoded
-splits are cached as uint8 `.npy` files (`array_cache_folder()`), keyed by their content, and memory-mapped.
+Unreadable images, and files whose names are not UTF-8, are skipped and listed, never fatal. Each file's hash
+and check are remembered by path, size and times (`scan_cache_folder()`), so a later scan of an unchanged folder
+reads no image; decoded splits are cached as uint8 `.npy` files (`array_cache_folder()`), keyed by their content,
+and memory-mapped.
 
 Usage:
     prepared = prepare_splits(find_dataset_root("/data/cifake"), val_fraction=0.1, max_train_per_class=0,
@@ -17,6 +18,7 @@ Usage:
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
@@ -38,7 +40,7 @@ import pandas as pd
 
 from cifake_core import CLASS_NAMES, FOLDER_FOR_CLASS
 from cifake_core.errors import DatasetError, ImageError
-from cifake_core.files import atomic_path, cache_dir
+from cifake_core.files import atomic_path, cache_dir, printable_name
 from cifake_core.network import host_reachable
 from cifake_core.preprocessing import PREPROCESSING_VERSION, load_rgb, preprocess_image
 
@@ -251,7 +253,10 @@ def _scan(
             folder = f"{source}/{FOLDER_FOR_CLASS[label]}"
             for inside, key in _listed_files(root / folder):
                 relative = f"{folder}/{inside}"
-                if os.path.splitext(inside)[1].lower() in IMAGE_EXTENSIONS:
+                shown = printable_name(relative)
+                if shown != relative:  # the manifest, a CSV, and every table after it hold text
+                    skipped.append({"path": shown, "reason": "file name is not UTF-8: rename the file to use it"})
+                elif os.path.splitext(inside)[1].lower() in IMAGE_EXTENSIONS:
                     candidates.append((source, label, relative, key))
                 else:
                     skipped.append({"path": relative, "reason": "not an image file extension"})
@@ -379,7 +384,8 @@ def write_split_files(prepared: PreparedData, output_dir: Path) -> tuple[Path, P
     output_dir.mkdir(parents=True, exist_ok=True)
     manifest_path, summary_path = output_dir / MANIFEST_FILE, output_dir / SUMMARY_FILE
     with atomic_path(manifest_path) as temporary:
-        prepared.manifest.to_csv(temporary, index=False)
+        # Every field quoted: unquoted, a carriage return in a file name read back as a line break.
+        prepared.manifest.to_csv(temporary, index=False, quoting=csv.QUOTE_ALL)
     with atomic_path(summary_path) as temporary:
         temporary.write_text(json.dumps(prepared.summary, indent=2) + "\n")
     return manifest_path, summary_path

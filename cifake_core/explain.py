@@ -34,6 +34,7 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 
 from cifake_core.errors import ImageError
+from cifake_core.files import printable_name
 from cifake_core.models import load_checkpoint
 from cifake_core.preprocessing import ImageSource, centre_square, load_rgb, to_model_array
 
@@ -120,10 +121,11 @@ def write_explanations(
         except ImageError:
             written.append(None)
             continue
-        name, copy = path.stem, 1
+        stem = printable_name(path.stem)
+        name, copy = stem, 1
         while name in used:
             copy += 1
-            name = f"{path.stem}_{copy}"
+            name = f"{stem}_{copy}"
         used.add(name)
         target = folder / f"{name}{SUFFIX}"
         _enlarged(overlay).save(target)

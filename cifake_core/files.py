@@ -1,10 +1,11 @@
 """Atomic file writes (write to a temporary name beside the target, then rename, so a crash or Ctrl-C never
-leaves a half-written file under the real name) and the project's cache folder.
+leaves a half-written file under the real name), the project's cache folder, and file names as text.
 
 Usage:
     with atomic_path(folder / "metrics.json") as temporary:
         temporary.write_text(text)
     arrays = cache_dir() / "arrays"
+    shown = printable_name(str(path))
 """
 
 from __future__ import annotations
@@ -34,3 +35,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def printable_name(name: str) -> str:
+    """`name` as UTF-8 text: a file name's bytes that are not UTF-8 (which Python keeps as lone surrogates, and
+    which a CSV, a table or a terminal cannot encode) shown as escapes, `bad\\xff.jpg`; other names unchanged."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -220,7 +220,7 @@ def _launcher_splits(root: Path, data: DataConfig) -> PreparedData | None:
         splits.summary[key] == value for key, value in made_for.items()
     ):
         return splits
-    # A CSV cannot keep a carriage return in a file name, for one; a scan can.
+    # The file names' round trip through a CSV is the fragile part (a carriage return broke it once); a scan holds.
     log.warning("the launcher's splits in %s do not read back as made for this run: scanning the data", folder)
     return None
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from cifake_core import tracking
 from cifake_core.data import IMAGE_EXTENSIONS
 from cifake_core.errors import CifakeError
+from cifake_core.files import printable_name
 from cifake_core.pyfunc_model import CifakeOnnxModel
 
 OUTPUT_FORMATS = (".csv", ".jsonl")
@@ -69,7 +70,7 @@ def predict_files(files: Sequence[Path], scorer: CifakeOnnxModel, threshold: str
     ) as bar:
         for start in range(0, len(files), PREDICT_BATCH):
             batch = files[start : start + PREDICT_BATCH]
-            chunks.append(scorer.classify(batch, value).assign(path=[str(path) for path in batch]))
+            chunks.append(scorer.classify(batch, value).assign(path=[printable_name(str(path)) for path in batch]))
             bar.update(len(batch))
     results = pd.concat(chunks, ignore_index=True)
     return results[["path", *[column for column in results.columns if column != "path"]]]
@@ -114,14 +115,19 @@ def load_checkpoint_model(model_uri: str):
     return model
 
 
-def explain_results(results: pd.DataFrame, model_uri: str, image_size: int, folder: Path) -> pd.DataFrame:
-    """The results with a column `explanation`: the Grad-CAM overlay written in `folder` for each classified
-    image (empty for rows that failed), made with the checkpoint of `model_uri`'s run."""
+def explain_results(
+    results: pd.DataFrame, files: Sequence[Path], model_uri: str, image_size: int, folder: Path
+) -> pd.DataFrame:
+    """The results of `files` with a column `explanation`: the Grad-CAM overlay written in `folder` for each
+    classified image (empty for rows that failed), made with the checkpoint of `model_uri`'s run."""
     from cifake_core.explain import write_explanations  # torch is loaded only when explanations are asked for
 
     model = load_checkpoint_model(model_uri)
     classified = (results["error"] == "").to_numpy()
-    written = write_explanations(model, [Path(path) for path in results["path"][classified]], image_size, folder)
+    # The files themselves: a results path is a name made printable, which may name no file.
+    written = write_explanations(
+        model, [path for path, ok in zip(files, classified, strict=True) if ok], image_size, folder
+    )
     explanations = pd.Series("", index=results.index, dtype=object)
     explanations[classified] = [str(path) if path else "" for path in written]
     return results.assign(explanation=explanations)

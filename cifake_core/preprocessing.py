@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cifake_core.errors import ImageError
+from cifake_core.files import printable_name
 
 ImageSource = bytes | str | Path | Image.Image
 
@@ -40,7 +41,7 @@ def _open(source: ImageSource) -> Image.Image:
     try:
         content = source if isinstance(source, (bytes, bytearray, memoryview)) else Path(source).read_bytes()
     except OSError as error:
-        raise ImageError(f"cannot read {source}: {error.strerror or error}") from error
+        raise ImageError(f"cannot read {printable_name(str(source))}: {error.strerror or error}") from error
     if len(content) == 0:
         raise ImageError("empty image: the value has no bytes")
     handle = io.BytesIO(content)

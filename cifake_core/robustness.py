@@ -36,6 +36,7 @@ from PIL import Image, ImageFilter
 from cifake_core import CLASS_NAMES, FOLDER_FOR_CLASS
 from cifake_core.data import IMAGE_EXTENSIONS, _parallel_map
 from cifake_core.errors import DatasetError, ImageError
+from cifake_core.files import printable_name
 from cifake_core.metrics import binary_metrics
 from cifake_core.preprocessing import load_rgb, to_model_array
 
@@ -174,7 +175,7 @@ def _score_variants(
         arrays = []
         for offset, result in enumerate(_parallel_map(_file_variants, tasks, num_workers)):
             if isinstance(result, str):
-                skipped.append({"path": tasks[offset][0], "reason": result})
+                skipped.append({"path": printable_name(tasks[offset][0]), "reason": result})
             else:
                 arrays.append(result)
                 readable.append(start + offset)

@@ -363,6 +363,23 @@ def test_unreadable_files_are_skipped_with_a_reason(make_dataset) -> None:
     assert len(images) == prepared.summary["counts"]["train"]["ai"] + prepared.summary["counts"]["train"]["real"]
 
 
+def test_a_file_name_that_is_not_utf8_is_skipped_and_shown_escaped(make_dataset, tmp_path: Path) -> None:
+    """Such a name (from an archive made on another system) failed the whole scan: pandas could not hold it."""
+    root = make_dataset(train=6, test=2)
+    for folder in ("train/FAKE", "train/REAL/caf\udce9"):  # a file, and a folder, named in Latin-1 bytes
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        (root / folder / "r\udcf4le.jpg").write_bytes(image_bytes(len(folder)))
+    prepared = prepare(root)
+    skipped = {entry["path"]: entry["reason"] for entry in prepared.summary["skipped"]}
+    assert skipped == {
+        "train/FAKE/r\\xf4le.jpg": "file name is not UTF-8: rename the file to use it",
+        "train/REAL/caf\\xe9/r\\xf4le.jpg": "file name is not UTF-8: rename the file to use it",
+    }
+    assert prepared.summary["images_found"]["train"] == {"real": 6, "ai": 6}
+    write_split_files(prepared, tmp_path / "splits")
+    assert json.loads((tmp_path / "splits" / SUMMARY_FILE).read_text())["skipped"] == prepared.summary["skipped"]
+
+
 # --- image modes through the dataset path -------------------------------------------------------------------------
 
 
@@ -585,9 +602,18 @@ def test_split_files_read_back_to_the_same_content_and_leave_no_temporary_files(
 
 def test_split_files_keep_file_names_a_csv_could_mangle(make_dataset, tmp_path: Path) -> None:
     """The training processes of a launched run train on the split files, not a scan: a name with a comma, quotes,
-    a line break or spaces at its ends, or one that reads as a missing value, comes back as written."""
+    a line break, a carriage return or spaces at its ends, or one that reads as a missing value, comes back as
+    written."""
     root = make_dataset(train=6, test=2)
-    awkward = ["a, b.jpg", 'say "fake".jpg', "NA.jpg", " spaced .jpg", "line\nbreak.jpg", "nan.JPG"]
+    awkward = [
+        "a, b.jpg",
+        'say "fake".jpg',
+        "NA.jpg",
+        " spaced .jpg",
+        "line\nbreak.jpg",
+        "carriage\rreturn.jpg",
+        "nan.JPG",
+    ]
     for index, name in enumerate(awkward):
         (root / "train" / "FAKE" / name).write_bytes(image_bytes(100 + index))
     prepared = prepare(root)

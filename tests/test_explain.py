@@ -160,6 +160,7 @@ def test_predict_explain_writes_an_overlay_per_classified_image(mobilenet, tmp_p
     photos = tmp_path / "photos"
     photos.mkdir()
     _with_patch((32, 32), (0, 0, 8, 8)).save(photos / "red.png")
+    _with_patch((32, 32), (0, 0, 8, 8)).save(photos / "caf\udce9.png", format="PNG")  # a name in Latin-1 bytes
     (photos / "broken.jpg").write_bytes(b"nope")
     results, overlays = tmp_path / "results.csv", tmp_path / "overlays"
     assert (
@@ -168,6 +169,7 @@ def test_predict_explain_writes_an_overlay_per_classified_image(mobilenet, tmp_p
     )
     table = pd.read_csv(results, keep_default_na=False).set_index("path")
     assert table.loc[str(photos / "red.png"), "explanation"] == str(overlays / "red_gradcam.png")
+    assert table.loc[str(photos / "caf\\xe9.png"), "explanation"] == str(overlays / "caf\\xe9_gradcam.png")
     assert table.loc[str(photos / "broken.jpg"), "explanation"] == ""
-    assert sorted(p.name for p in overlays.iterdir()) == ["red_gradcam.png"]
+    assert sorted(p.name for p in overlays.iterdir()) == ["caf\\xe9_gradcam.png", "red_gradcam.png"]
     assert tracking.download_checkpoint(f"runs:/{run_id}/model", tmp_path / "again").name == "best.pt"

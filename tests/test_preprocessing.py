@@ -218,6 +218,10 @@ def test_unusable_files_raise_image_error_too(tmp_path: Path, name: str) -> None
 def test_a_missing_file_raises_image_error(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="cannot read .*nowhere.png: No such file"):
         load_rgb(tmp_path / "nowhere.png")
+    # A name that is not UTF-8 is shown escaped: the message goes into tables and terminals that hold only text.
+    with pytest.raises(ImageError, match=r"cannot read .*/gone\\xff.png: No such file") as raised:
+        load_rgb(tmp_path / "gone\udcff.png")
+    assert "\udcff" not in str(raised.value)
 
 
 def test_the_pixel_limit_is_enforced(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -154,7 +154,7 @@ def _detail_scorer(images: np.ndarray) -> np.ndarray:
 def test_report_scores_every_set_under_every_perturbation_with_the_documented_keys(tmp_path: Path):
     test_files, test_labels = labelled_images(_textured_set(tmp_path / "test"))
     extra = _textured_set(tmp_path / "extra")
-    (extra / "REAL" / "broken.png").write_bytes(b"not an image")
+    (extra / "REAL" / "broken\udcff.png").write_bytes(b"not an image")  # a name that is not UTF-8, shown escaped
     metrics, report = robustness_report(
         {"test": (test_files, test_labels), "sdxl": labelled_images(extra)}, _detail_scorer, 32, 0.2, num_workers=0
     )
@@ -172,8 +172,8 @@ def test_report_scores_every_set_under_every_perturbation_with_the_documented_ke
     assert results["blur"]["recall"] == 0.0  # blur takes the fakes' detail away
     extra_entry = report["datasets"]["sdxl"]
     assert extra_entry["images"] == 8 and extra_entry["images_available"] == 9
-    assert [Path(s["path"]).name for s in extra_entry["skipped"]] == ["broken.png"]
-    json.dumps(report, allow_nan=False)  # plain JSON, as robustness.json is written
+    assert [Path(s["path"]).name for s in extra_entry["skipped"]] == ["broken\\xff.png"]
+    json.dumps(report, allow_nan=False, ensure_ascii=False).encode()  # plain UTF-8 JSON
 
 
 def test_worker_processes_give_the_same_report(tmp_path: Path, monkeypatch):

@@ -230,9 +230,10 @@ def test_predict_writes_csv_and_jsonl_and_reports_failures(store: str, photo_fol
 
 def test_predict_prints_a_table_and_exits_0_when_all_succeed(store: str, photo_folder: Path, capsys):
     (photo_folder / "broken.jpg").unlink()
+    (photo_folder / "nested" / "caf\udce9.png").write_bytes(_good_images()[0])  # a name in Latin-1 bytes
     assert main(["predict", str(photo_folder / "red.png"), str(photo_folder / "nested")]) == 0
     out = capsys.readouterr().out
-    assert "red.png" in out and "gradient one.jpg" in out and "prob_ai" in out
+    assert "red.png" in out and "gradient one.jpg" in out and "caf\\xe9.png" in out and "prob_ai" in out
 
 
 @pytest.mark.parametrize(
