@@ -24,6 +24,7 @@ import yaml
 
 from cifake_core import FOLDER_FOR_CLASS
 from cifake_core.errors import ConfigError
+from cifake_core.files import printable_name
 
 THRESHOLD_NAMES = ("0.5", "f1", "youden", "fpr_1pct")
 PROMOTE_CHOICES = ("auto", "always", "never")
@@ -213,6 +214,11 @@ def _coerce(name: str, value: Any) -> Any:
         if isinstance(value, (int, float)):
             return str(value)
         if isinstance(value, str):
+            if printable_name(value) != value:  # a path given in bytes that are not UTF-8
+                raise ConfigError(
+                    f"{name} must be UTF-8 text, as MLflow records it, got '{printable_name(value)}': rename the "
+                    "folder or file, or link to it under a UTF-8 name"
+                )
             return value.strip()
     elif expected is int:
         if isinstance(value, int) and not isinstance(value, bool):

@@ -55,6 +55,7 @@ def test_defaults_then_yaml_then_overrides(tmp_path: Path):
         ({"device": "tpu"}, "device must be auto, cpu, cuda, cuda:N or mps"),
         ({"default_threshold": "0.3"}, "default_threshold must be one of"),
         ({"pretrained_weights": "/no/such/file.pth"}, "pretrained_weights must be an existing weights file"),
+        ({"data_dir": "/data/caf\udce9"}, "data_dir must be UTF-8 text, as MLflow records it, got '/data/caf.xe9'"),
     ],
 )
 def test_bad_values_and_unknown_keys_are_rejected_with_the_fix(overrides, message):
