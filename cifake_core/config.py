@@ -318,12 +318,23 @@ def _unknown_key_error(key: str, origin: str) -> ConfigError:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A flat `key: value` experiment file, as a mapping; keys are checked by `load_config`."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a folder; pass a YAML file such as experiments/default.yaml")
     if not path.is_file():
         raise ConfigError(
             f"config file {str(path)!r} does not exist; pass a YAML file such as experiments/default.yaml"
         )
     try:
-        content = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {error.strerror or error}") from error
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"config file {str(path)!r} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+            f"{error.start}): save it as UTF-8"
+        ) from error
+    try:
+        content = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from error
     if not isinstance(content, dict):

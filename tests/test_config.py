@@ -84,6 +84,22 @@ def test_yaml_that_is_not_a_mapping_or_missing_is_rejected(tmp_path: Path):
         load_config(listing)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="is a folder; pass a YAML file"):
+        load_config(tmp_path)
+
+
+def test_yaml_that_cannot_be_read_as_text_is_rejected_with_the_fix(tmp_path: Path, monkeypatch):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("experiment_name: café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"is not UTF-8 text \(byte 0xe9 at offset 20\): save it as UTF-8"):
+        load_config(latin1)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_text", denied)  # as a file this user may not read (the tests may run as root)
+    with pytest.raises(ConfigError, match="cannot read config file .*latin1.yaml': Permission denied"):
+        load_config(latin1)
 
 
 def test_config_is_frozen():
