@@ -7,8 +7,9 @@ there (`explain.py`, from the PyTorch checkpoint of the model's run: the only st
 
 Usage:
     scorer = load_scorer("models:/cifake-detector@production")
-    results = predict_files(collect_images([Path("photos")]), scorer, threshold="default")
-    results = explain_results(results, "models:/cifake-detector@production", scorer.image_size, Path("why"))
+    files = collect_images([Path("photos")])
+    results = predict_files(files, scorer, threshold="default")
+    results = explain_results(results, files, "models:/cifake-detector@production", scorer.image_size, Path("why"))
     write_results(results, Path("results.csv"))
 """
 
