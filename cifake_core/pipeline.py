@@ -208,11 +208,19 @@ def _launch_folder_with_splits(config: RunConfig) -> Path:
     return folder
 
 
+def _launch_folder() -> str | None:
+    """The launch folder of this process's group, if `launch_training` started it, else None. torchrun's wrapper
+    removes the folder when the group ends, so a work folder made in it goes too when its process is killed
+    outright (by the out-of-memory killer), where it was left in the system's temporary folder."""
+    folder = os.environ.get(LAUNCH_FOLDER_VARIABLE)
+    return folder if folder and distributed.launched_by_torchrun() and os.path.isdir(folder) else None
+
+
 def _launcher_splits(root: Path, data: DataConfig) -> PreparedData | None:
     """The splits `launch_training` made for this process's group, if it made them, they read back whole and they
     were made from `data` in `root`; else None."""
-    folder = os.environ.get(LAUNCH_FOLDER_VARIABLE)
-    if not folder or not distributed.launched_by_torchrun():
+    folder = _launch_folder()
+    if folder is None:
         return None
     splits = read_split_files(Path(folder))
     made_for = {"root": str(root)} | {key: getattr(data, key) for key in _SPLIT_SETTINGS}
@@ -483,7 +491,7 @@ def _train(config: RunConfig, device: torch.device) -> TrainingResult | None:
     torch.manual_seed(config.data.seed)
     with (
         tracking.tracked_run(config.publish.experiment_name, "train", {"cifake.stage": "train"}) as run_id,
-        tempfile.TemporaryDirectory(prefix="cifake-") as work_dir,
+        tempfile.TemporaryDirectory(prefix="cifake-", dir=_launch_folder()) as work_dir,
         distributed.peer_loss_named(),
     ):
         work = Path(work_dir)

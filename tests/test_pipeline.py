@@ -643,12 +643,15 @@ def _training_process(launcher_pid: int, rank: int) -> int:
     ],
 )
 def test_a_training_process_ended_alone_is_named_in_one_line_without_its_peers_traceback(
-    tiny_demo: Path, tracking_store: str, rank: int, stop: signal.Signals, told: str
+    tiny_demo: Path, tracking_store: str, rank: int, stop: signal.Signals, told: str, tmp_path: Path
 ):
     """The out-of-memory killer or a stray SIGTERM ends one process of the group: its peer's collective fails on
     the lost connection. The user is told which process ended and how, not the peer's gloo traceback, and the
-    run does not stay RUNNING, even when rank 0, which writes it, is the process killed outright."""
-    process, run_id = _train_until_validated(tracking_store, tiny_demo, "2")
+    run does not stay RUNNING, even when rank 0, which writes it, is the process killed outright. The work folder
+    of a process killed outright is not left behind either."""
+    temporary = tmp_path / "temporary"
+    temporary.mkdir()
+    process, run_id = _train_until_validated(tracking_store, tiny_demo, "2", TMPDIR=str(temporary))
     try:
         os.kill(_training_process(process.pid, rank), stop)
         output, _ = process.communicate(timeout=120)
@@ -656,6 +659,7 @@ def test_a_training_process_ended_alone_is_named_in_one_line_without_its_peers_t
         process.kill()
     assert process.returncode == 1, output
     assert told in output.splitlines()[-1] and "Traceback" not in output, output[-3000:]
+    assert not list(temporary.glob("cifake-*")), list(temporary.iterdir())
     run = MlflowClient().get_run(run_id)
     if (rank, stop) == (0, signal.SIGKILL):  # the launcher ended the run, with the line the user was told
         assert run.info.status == "FAILED" and told in run.data.tags[tracking.ERROR_TAG], run.data.tags
