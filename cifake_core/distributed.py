@@ -118,9 +118,7 @@ def torchrun(arguments: Sequence[str], run_id_file: Path) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith("torch.distributed.elastic"):  # each set its level on import, so the parent's is no use
-            logging.getLogger(name).setLevel(logging.CRITICAL)
+    silence_torchrun_logs()
     try:
         run(parse_args(list(arguments)))
         return 0
@@ -138,6 +136,15 @@ def torchrun(arguments: Sequence[str], run_id_file: Path) -> int:
 
     tracking.end_run_left_running(run_id_file, status, reason)
     return exit_status
+
+
+def silence_torchrun_logs() -> None:
+    """Drop the records of torchrun's loggers (`torch.distributed.elastic.*`), those imported later included: each
+    sets its own level as it is imported, so a level set on their parent is no use, but their records stop at the
+    parent's handler."""
+    elastic = logging.getLogger("torch.distributed.elastic")
+    elastic.addHandler(logging.NullHandler())
+    elastic.propagate = False
 
 
 def _first_failure(failures: dict[int, ProcessFailure]) -> tuple[int, ProcessFailure]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -243,6 +244,23 @@ def test_the_launcher_tells_the_failure_torchrun_saw_first_or_a_process_killed_o
     peer_ended = ProcessFailure(local_rank=1, pid=12, exitcode=PEER_ENDED_STATUS, error_file="<N/A>")
     assert distributed._first_failure({1: peer_ended, 0: stopped}) == (0, stopped)
     assert "lost the connection" in distributed._failure_message(1, peer_ended)
+
+
+def test_torchrun_loggers_are_silent_in_the_launcher_those_imported_later_too(monkeypatch, caplog, capfd):
+    """torchrun's report would bury the launcher's one line; a rendezvous backend, say, makes its logger only once
+    torchrun runs, and sets its own level then."""
+    elastic = logging.getLogger("torch.distributed.elastic")
+    monkeypatch.setattr(elastic, "handlers", [])
+    monkeypatch.setattr(elastic, "propagate", True)
+    late = logging.getLogger("torch.distributed.elastic.a_module_imported_late")
+    late.setLevel(logging.WARNING)
+    late.warning("Sending process 11 closing signal SIGTERM")
+    # What a user saw: the record reached torch's handler (stderr) and the root's.
+    assert "closing signal" in capfd.readouterr().err and "closing signal" in caplog.text
+    caplog.clear()
+    distributed.silence_torchrun_logs()
+    late.warning("Sending process 12 closing signal SIGTERM")
+    assert caplog.text == "" and capfd.readouterr().err == ""
 
 
 def test_a_collective_failed_by_a_peers_end_is_raised_as_that_cause_and_other_errors_pass_unchanged(
