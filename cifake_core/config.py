@@ -216,8 +216,8 @@ def _coerce(name: str, value: Any) -> Any:
         if isinstance(value, str):
             if printable_name(value) != value:  # a path given in bytes that are not UTF-8
                 raise ConfigError(
-                    f"{name} must be UTF-8 text, as MLflow records it, got '{printable_name(value)}': rename the "
-                    "folder or file, or link to it under a UTF-8 name"
+                    f"{name} must be UTF-8 text, as MLflow records it, got '{printable_name(value)}': for a path, "
+                    "rename the folder or file, or link to it under a UTF-8 name"
                 )
             return value.strip()
     elif expected is int:
