@@ -8,6 +8,8 @@ pipeline does, with AdamW and a one-cycle schedule. Measured, each after warm-up
   - channels_last with the depthwise layers' CPU backward pass (`cifake_core.depthwise`), and with it the 1x1
     layers' matrix products on small inputs (`cifake_core.pointwise`): the pipeline's step (every other variant
     runs PyTorch's own convolutions for the layers whose path its name leaves out);
+  - on a CPU, also the pipeline's step with oneDNN computing the float32 matrix products in bfloat16
+    (`torch.backends.mkldnn.matmul.fp32_precision = "bf16"`: AMX or AVX-512 BF16 units where the CPU has them);
   - on a GPU, also channels_last reading the loss back every step (`host_sync`: the host waits for the GPU
     at each step, as the pipeline's loop did before it summed on the device) and with `cudnn.benchmark`;
   - on a CPU, `--processes 2` also times two 1-thread processes side by side against one process using
@@ -16,11 +18,13 @@ pipeline does, with AdamW and a one-cycle schedule. Measured, each after warm-up
     malloc as it comes and with `engine.keep_freed_memory_for_reuse` (a process-wide setting, which the
     pipeline makes and every other measurement here does not), the two alternating N times, with page
     faults per image and the share of CPU time spent in the kernel.
-Prints a progress line per measurement and a Markdown table; `--output FILE.json` keeps the figures.
+Prints a progress line per measurement and a Markdown table; `--output FILE.json` keeps the figures; `--profile`
+also prints where the pipeline's step spends its time, by operation (`torch.profiler`).
 
 Usage:
     .venv/bin/python bench/training_step.py --compile --processes 2 --output docs/training_step.json
     OMP_NUM_THREADS=1 taskset -c 0 .venv/bin/python bench/training_step.py --allocator_rounds 3
+    OMP_NUM_THREADS=1 taskset -c 0 .venv/bin/python bench/training_step.py --steps 30 --profile
     python3 bench/training_step.py --device cuda --batch_size 256 --steps 200 --warmup 20
 """
 
@@ -46,6 +50,7 @@ from cifake_core.pointwise import MatmulPointwiseConv2d
 
 # What the pipeline trains with on a CPU: both of `models.create_model`'s CPU paths.
 PIPELINE_STEP = "channels_last_depthwise_backward_matmul_pointwise"
+BFLOAT16_PRODUCTS = f"{PIPELINE_STEP}_bfloat16_products"
 
 
 def _images(count: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,6 +96,7 @@ def step_images_per_second(
     if variant != "eager_fp32":
         model = model.to(memory_format=torch.channels_last)
     torch.backends.cudnn.benchmark = "cudnn_benchmark" in variant
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16" if variant == BFLOAT16_PRODUCTS else "ieee"
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=warmup + steps + 1)
     step_model = torch.compile(model) if "compile" in variant else model
@@ -113,6 +119,17 @@ def step_images_per_second(
             loss.item()  # what the pipeline's loop did before it summed the loss on the device
     _synchronize(device)
     return batch_size * steps / (time.perf_counter() - started), warmup_seconds
+
+
+def profile_table(images, labels, batch_size: int, steps: int, device: torch.device, stem_stride: int) -> str:
+    """The pipeline's step, `steps` of them after the measurements above have warmed oneDNN's kernels up, as
+    `torch.profiler`'s table of the 20 operations that take the most time by themselves."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    activities += [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []
+    with torch.profiler.profile(activities=activities) as profiler:
+        step_images_per_second(PIPELINE_STEP, images, labels, batch_size, steps, 0, device, stem_stride)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort_by, row_limit=20)
 
 
 def _one_thread_worker(arguments: tuple[int, int, int, int, int, bool]) -> dict[str, float]:
@@ -171,6 +188,7 @@ def main() -> None:
         "--allocator_rounds", type=int, default=0, help="CPU: also compare malloc settings, N rounds of each"
     )
     parser.add_argument("--output", default="", help="write the figures to this JSON file")
+    parser.add_argument("--profile", action="store_true", help="also print the pipeline's step by operation")
     arguments = parser.parse_args()
 
     device = resolve_device(arguments.device)
@@ -192,6 +210,7 @@ def main() -> None:
     compiled = ["channels_last_compile", "channels_last_bf16_compile"] if arguments.compile else []
     on_cuda = ["channels_last_host_sync", "channels_last_cudnn_benchmark"] if device.type == "cuda" else []
     cpu_path_variants = ["channels_last_depthwise_backward", PIPELINE_STEP]
+    cpu_path_variants += [BFLOAT16_PRODUCTS] if device.type == "cpu" else []
     variants = ["eager_fp32", "channels_last", *on_cuda, *cpu_path_variants, "channels_last_bf16"]
     for variant in [*variants, *compiled]:
         results[variant], warmups[variant] = step_images_per_second(
@@ -209,6 +228,9 @@ def main() -> None:
     if arguments.allocator_rounds and device.type == "cpu":
         allocators = compare_allocators(work, arguments.allocator_rounds)
         results |= {f"1_thread_{name}": figures["images_per_second"] for name, figures in allocators.items()}
+
+    if arguments.profile:
+        print(profile_table(images, labels, batch_size, steps, device, arguments.stem_stride), flush=True)
 
     baseline = results["eager_fp32"]
     print("\n| measurement | images/s | vs eager fp32 |\n|---|---|---|")

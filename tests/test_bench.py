@@ -1,7 +1,8 @@
 """The premises of the benchmarks: bench/memory.py's repeated dataset survives deduplication with the original's
 pixels; bench/first_steps.py's two heads start where it says; bench/tta.py averages each image's logits over
 its mirror image and over shifts that match training's `translate`; bench/depthwise.py and bench/pointwise.py
-time each depthwise and 1x1 layer at the input it gets in training; bench/muon.py orthogonalises the
+time each depthwise and 1x1 layer at the input it gets in training; bench/training_step.py computes the products
+in bfloat16 for its one variant that says so and profiles the pipeline's step; bench/muon.py orthogonalises the
 channel-mixing convolutions' updates and leaves the rest to AdamW."""
 
 from __future__ import annotations
@@ -136,6 +137,19 @@ def test_pointwise_bench_records_each_1x1_layers_training_input_and_times_the_pi
     ]
     assert len(results[0]) == 4  # the output and the input, weight and bias gradients
     torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-5)
+
+
+def test_training_step_bench_sets_bfloat16_products_for_its_variant_alone_and_profiles_the_step() -> None:
+    bench = _bench_module("training_step")
+    images, labels = bench._images(4, 32, torch.device("cpu"))
+    try:
+        bench.step_images_per_second(bench.BFLOAT16_PRODUCTS, images, labels, 2, 1, 0, torch.device("cpu"), 1)
+        assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+        table = bench.profile_table(images, labels, 2, 1, torch.device("cpu"), 1)
+        assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"  # the pipeline's step, as the pipeline runs it
+        assert "Self CPU" in table and "aten::mm" in table  # the 1x1 layers on small inputs are matrix products
+    finally:  # a process-wide setting: the tests after this one run in float32
+        torch.backends.mkldnn.matmul.fp32_precision = "ieee"
 
 
 def test_muon_orthogonalises_an_update_whatever_its_shape() -> None:
