@@ -51,6 +51,8 @@ from cifake_core.pointwise import MatmulPointwiseConv2d
 # What the pipeline trains with on a CPU: both of `models.create_model`'s CPU paths.
 PIPELINE_STEP = "channels_last_depthwise_backward_matmul_pointwise"
 BFLOAT16_PRODUCTS = f"{PIPELINE_STEP}_bfloat16_products"
+# The precision the pipeline's products run at: the process's own ("none", PyTorch's float32 unless set otherwise).
+PIPELINE_PRODUCTS_PRECISION = torch.backends.mkldnn.matmul.fp32_precision
 
 
 def _images(count: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,7 +98,9 @@ def step_images_per_second(
     if variant != "eager_fp32":
         model = model.to(memory_format=torch.channels_last)
     torch.backends.cudnn.benchmark = "cudnn_benchmark" in variant
-    torch.backends.mkldnn.matmul.fp32_precision = "bf16" if variant == BFLOAT16_PRODUCTS else "ieee"
+    torch.backends.mkldnn.matmul.fp32_precision = (
+        "bf16" if variant == BFLOAT16_PRODUCTS else PIPELINE_PRODUCTS_PRECISION
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=warmup + steps + 1)
     step_model = torch.compile(model) if "compile" in variant else model

@@ -142,14 +142,15 @@ def test_pointwise_bench_records_each_1x1_layers_training_input_and_times_the_pi
 def test_training_step_bench_sets_bfloat16_products_for_its_variant_alone_and_profiles_the_step() -> None:
     bench = _bench_module("training_step")
     images, labels = bench._images(4, 32, torch.device("cpu"))
+    precision = torch.backends.mkldnn.matmul.fp32_precision
     try:
         bench.step_images_per_second(bench.BFLOAT16_PRODUCTS, images, labels, 2, 1, 0, torch.device("cpu"), 1)
         assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
         table = bench.profile_table(images, labels, 2, 1, torch.device("cpu"), 1)
-        assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"  # the pipeline's step, as the pipeline runs it
+        assert torch.backends.mkldnn.matmul.fp32_precision == precision  # the pipeline's step, as the pipeline runs it
         assert "Self CPU" in table and "aten::mm" in table  # the 1x1 layers on small inputs are matrix products
-    finally:  # a process-wide setting: the tests after this one run in float32
-        torch.backends.mkldnn.matmul.fp32_precision = "ieee"
+    finally:  # a process-wide setting: the tests after this one run at the process's own
+        torch.backends.mkldnn.matmul.fp32_precision = precision
 
 
 def test_muon_orthogonalises_an_update_whatever_its_shape() -> None:
