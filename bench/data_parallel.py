@@ -2,8 +2,8 @@
 setting, in N 1-thread processes on one machine (as `torchrun --nproc_per_node N ... --device cpu` trains).
 
 Every process runs `engine.train_one_epoch` (the pipeline's step: channels_last, the depthwise CPU backward pass,
-clipping, AdamW with one-cycle) on random uint8 images in memory, with freed memory kept for reuse as the
-pipeline keeps it. Variants, each timed over `--steps` steps after `--warmup` steps:
+clipping, the config's optimiser with one-cycle) on random uint8 images in memory, with freed memory kept for reuse
+as the pipeline keeps it. Variants, each timed over `--steps` steps after `--warmup` steps:
   - independent: no gradient exchange at all (the processes train separate models), the ceiling;
   - ddp: `distributed.wrap`, the pipeline's DistributedDataParallel over gloo;
   - ddp_bucket_view: with `gradient_as_bucket_view=True` (gradients live in the communication buckets, no copy);
@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cifake_core import distributed
 from cifake_core.config import ModelConfig, TrainConfig
-from cifake_core.engine import keep_freed_memory_for_reuse, one_cycle_adamw, train_one_epoch
+from cifake_core.engine import keep_freed_memory_for_reuse, one_cycle_optimizer, train_one_epoch
 from cifake_core.models import create_model
 from cifake_core.network import free_port
 
@@ -61,7 +61,7 @@ def images_per_second(variant: str, batch_size: int, steps: int, warmup: int) ->
     images = torch.randint(0, 256, (batch_size * steps, 3, 32, 32), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 2, (batch_size * steps,), generator=generator)
     train = TrainConfig()
-    optimizer, scheduler = one_cycle_adamw(model, train.lr, train.weight_decay, warmup + steps)
+    optimizer, scheduler = one_cycle_optimizer(model, train.optimizer, train.lr, train.weight_decay, warmup + steps)
     settings = {"grad_clip_norm": train.grad_clip_norm, "generator": generator, "device": CPU}
     order = torch.randperm(len(images), generator=generator)
     train_one_epoch(model, images, labels, order[: batch_size * warmup], optimizer, scheduler, batch_size, **settings)

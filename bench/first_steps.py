@@ -1,6 +1,6 @@
 """First-steps benchmark: loss, logit size and gradient norm over the first training steps, per head init.
 
-Trains the detector (random weights, the default recipe: AdamW, one-cycle at `lr`, clipping at
+Trains the detector (random weights, the default recipe: its `optimizer`, one-cycle at `lr`, clipping at
 `grad_clip_norm`, batch 128, random flips) on real images decoded by the pipeline, and prints every
 `--every` steps the loss, the mean |logit|, the gradient norm before clipping and the learning rate, for
 two classifier initialisations: `ours` (`models.create_model`) and `timm` (timm's rule for MobileNetV3's
@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from cifake_core.config import BATCH_SIZE, DataConfig, ModelConfig, TrainConfig  # noqa: E402
 from cifake_core.data import array_cache_folder, load_split_arrays  # noqa: E402
-from cifake_core.engine import one_cycle_adamw, random_flip  # noqa: E402
+from cifake_core.engine import one_cycle_optimizer, random_flip  # noqa: E402
 from cifake_core.models import create_model  # noqa: E402
 from cifake_core.pipeline import prepare, resolve_dataset  # noqa: E402
 
@@ -50,7 +50,9 @@ def first_steps(
         _timm_head(model)
     model = model.to(memory_format=torch.channels_last).train()
     steps_per_epoch = len(images) // BATCH_SIZE
-    optimizer, scheduler = one_cycle_adamw(model, train.lr, train.weight_decay, train.epochs * steps_per_epoch)
+    optimizer, scheduler = one_cycle_optimizer(
+        model, train.optimizer, train.lr, train.weight_decay, train.epochs * steps_per_epoch
+    )
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(images), generator=generator)
     rows = []

@@ -9,9 +9,9 @@ Moonshot's rule), so the config's `lr` and `weight_decay` apply unchanged, and t
 both kinds of parameter, its momentum cycling included. `torch.optim.Muon` takes 2-D parameters only, hence
 this class. Measured and not kept: docs/BENCHMARKS.md, "Muon for the convolutions".
 
-Usage (any `cifake train` flag works):
-    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 bench/muon.py train --data_dir /tmp/cifake \\
-        --epochs 4 --device cpu
+Usage (any `cifake train` flag works; AdamW's settings, as it replaces AdamW):
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 bench/muon.py train \\
+        --config experiments/cifake_adamw.yaml --epochs 4 --device cpu
 """
 
 from __future__ import annotations
@@ -90,13 +90,18 @@ class MuonAdamW(torch.optim.Optimizer):
 
 
 def one_cycle_muon(
-    model: torch.nn.Module, lr: float, weight_decay: float, total_steps: int
+    model: torch.nn.Module, optimizer: str, lr: float, weight_decay: float, total_steps: int
 ) -> tuple[MuonAdamW, torch.optim.lr_scheduler.OneCycleLR]:
-    """`engine.one_cycle_adamw` with `MuonAdamW` in AdamW's place."""
+    """`engine.one_cycle_optimizer` with `MuonAdamW` in AdamW's place."""
+    if optimizer != "adamw":
+        raise SystemExit(
+            f"bench/muon.py replaces AdamW, got optimizer={optimizer}: run it with AdamW's settings, "
+            "--config experiments/cifake_adamw.yaml (or --optimizer adamw --lr 0.008 --weight_decay 0.05)"
+        )
     optimizer = MuonAdamW(model, lr, weight_decay)
     return optimizer, one_cycle_schedule(optimizer, lr, total_steps)
 
 
 if __name__ == "__main__":
-    pipeline.one_cycle_adamw = one_cycle_muon
+    pipeline.one_cycle_optimizer = one_cycle_muon
     sys.exit(main(sys.argv[1:]))

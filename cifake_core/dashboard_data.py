@@ -26,6 +26,7 @@ KEY_PARAMS = (
     "coarse_epochs",
     "select_fraction",
     "batch_size",
+    "optimizer",
     "lr",
     "weight_decay",
     "label_smoothing",

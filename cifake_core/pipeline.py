@@ -52,7 +52,7 @@ from cifake_core.engine import (
     evaluate,
     keep_freed_memory_for_reuse,
     logit_metrics,
-    one_cycle_adamw,
+    one_cycle_optimizer,
     prob_ai,
     resolve_device,
     select_hard_examples,
@@ -267,7 +267,9 @@ def _train_epochs(
         len(batch_starts(len(distributed.epoch_sampler(n, seed)), train.batch_size)) for n in (count, selected)
     )
     total_steps = first_steps + (train.epochs - 1) * later_steps
-    optimizer, scheduler = one_cycle_adamw(parallel_model, train.lr, train.weight_decay, total_steps)
+    optimizer, scheduler = one_cycle_optimizer(
+        parallel_model, train.optimizer, train.lr, train.weight_decay, total_steps
+    )
     # Each process draws its own flips and augmentations; all draw the same selection of hard examples.
     generator = torch.Generator().manual_seed(seed + distributed.rank())
     selection_generator = torch.Generator().manual_seed(seed)

@@ -1,9 +1,10 @@
 """The premises of the benchmarks: bench/memory.py's repeated dataset survives deduplication with the original's
 pixels; bench/first_steps.py's two heads start where it says; bench/tta.py averages each image's logits over
-its mirror image and over shifts that match training's `translate`; bench/depthwise.py and bench/pointwise.py
-time each depthwise and 1x1 layer at the input it gets in training; bench/training_step.py computes the products
-in bfloat16 for its one variant that says so and profiles the pipeline's step; bench/muon.py orthogonalises the
-channel-mixing convolutions' updates and leaves the rest to AdamW."""
+its mirror image and over shifts that match training's `translate`; bench/depthwise.py, bench/pointwise.py and
+bench/batchnorm.py time each depthwise, 1x1 and normalisation layer at the input it gets in training;
+bench/training_step.py computes the products in bfloat16 for its one variant that says so and profiles the
+pipeline's step; bench/muon.py orthogonalises the channel-mixing convolutions' updates and leaves the rest to
+AdamW."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from timm.layers import BatchNormAct2d
 
 from cifake_core.config import TrainConfig
 from cifake_core.data import load_split_arrays, prepare_splits
@@ -137,6 +139,22 @@ def test_pointwise_bench_records_each_1x1_layers_training_input_and_times_the_pi
     ]
     assert len(results[0]) == 4  # the output and the input, weight and bias gradients
     torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-5)
+
+
+def test_batchnorm_bench_records_each_normalisation_layers_training_input_and_starts_each_pass_afresh() -> None:
+    layers = _bench_module("layers").training_inputs(BatchNormAct2d, batch_size=3, image_size=32, stem_stride=1)
+    assert len(layers) == 46
+    assert layers[0][1] == (3, 16, 32, 32)  # the stem's, at stride 1
+    assert layers[-1][1] == (3, 960, 2, 2)
+    layer, shape = layers[3]
+    images, grad_output = torch.randn(shape), torch.randn(shape)
+    forward_backward = _bench_module("batchnorm").forward_backward
+    first, second = (
+        [tensor.clone() for tensor in forward_backward(layer.train(), images, grad_output)] for _ in range(2)
+    )
+    assert len(first) == 4  # the output and the input, scale and shift gradients
+    assert first[2].abs().sum() > 0  # the scale gets a gradient
+    torch.testing.assert_close(second, first)  # gradients are not summed across timed calls
 
 
 def test_training_step_bench_sets_bfloat16_products_for_its_variant_alone_and_profiles_the_step() -> None:
