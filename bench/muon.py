@@ -98,8 +98,8 @@ def one_cycle_muon(
             f"bench/muon.py replaces AdamW, got optimizer={optimizer}: run it with AdamW's settings, "
             "--config experiments/cifake_adamw.yaml (or --optimizer adamw --lr 0.008 --weight_decay 0.05)"
         )
-    optimizer = MuonAdamW(model, lr, weight_decay)
-    return optimizer, one_cycle_schedule(optimizer, lr, total_steps)
+    muon = MuonAdamW(model, lr, weight_decay)
+    return muon, one_cycle_schedule(muon, lr, total_steps)
 
 
 if __name__ == "__main__":

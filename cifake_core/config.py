@@ -249,6 +249,10 @@ def _coerce(name: str, value: Any) -> Any:
     raise ConfigError(f"{name} must be {'an integer' if expected is int else 'a ' + expected.__name__}, got {value!r}")
 
 
+def _one_of(values: dict[str, Any], name: str, choices: tuple[str, ...]) -> tuple[str, bool, str]:
+    return name, values[name] in choices, "one of " + "|".join(choices)
+
+
 def _check(values: dict[str, Any]) -> None:
     # The figure only for a learning rate that passes its own rule: lr 0 is told as lr's mistake, not a crash.
     decay_bound = f"1 / lr ({1 / values['lr']:g})" if values["lr"] > 0 else "1 / lr"
@@ -259,7 +263,7 @@ def _check(values: dict[str, Any]) -> None:
         ("seed", values["seed"] >= 0, "a non-negative integer"),
         ("image_size", 32 <= values["image_size"] <= 512, "between 32 and 512 pixels"),
         ("stem_stride", values["stem_stride"] in (1, 2), "1 or 2"),
-        ("pretrained", values["pretrained"] in PRETRAINED_CHOICES, "one of " + "|".join(PRETRAINED_CHOICES)),
+        _one_of(values, "pretrained", PRETRAINED_CHOICES),
         ("epochs", values["epochs"] >= 1, "at least 1"),
         ("coarse_epochs", values["coarse_epochs"] >= 0, "0 (none) or a positive count"),
         ("select_fraction", 0.0 < values["select_fraction"] <= 1.0, "a fraction above 0 and at most 1, e.g. 0.5"),
@@ -268,7 +272,7 @@ def _check(values: dict[str, Any]) -> None:
             values["batch_size"] == 0 or values["batch_size"] >= 2,
             "0 (auto) or at least 2 (BatchNorm needs two images per batch)",
         ),
-        ("optimizer", values["optimizer"] in OPTIMIZER_CHOICES, "one of " + "|".join(OPTIMIZER_CHOICES)),
+        _one_of(values, "optimizer", OPTIMIZER_CHOICES),
         ("lr", 0.0 < values["lr"] < 1.0, "a positive learning rate below 1, e.g. 0.2"),
         (  # decay shrinks the weights by lr x weight_decay at each step: at 1 or more it would zero or flip them
             "weight_decay",
@@ -285,12 +289,12 @@ def _check(values: dict[str, Any]) -> None:
             0 <= values["translate"] <= values["image_size"] // 4,
             f"between 0 and a quarter of image_size ({values['image_size'] // 4} pixels)",
         ),
-        ("augment", values["augment"] in SWITCH_CHOICES, "one of " + "|".join(SWITCH_CHOICES)),
-        ("flip_tta", values["flip_tta"] in SWITCH_CHOICES, "one of " + "|".join(SWITCH_CHOICES)),
+        _one_of(values, "augment", SWITCH_CHOICES),
+        _one_of(values, "flip_tta", SWITCH_CHOICES),
         ("experiment_name", bool(values["experiment_name"]), "a non-empty MLflow experiment name"),
         ("registered_model_name", bool(values["registered_model_name"]), "a non-empty registered model name"),
-        ("promote", values["promote"] in PROMOTE_CHOICES, "one of " + "|".join(PROMOTE_CHOICES)),
-        ("default_threshold", values["default_threshold"] in THRESHOLD_NAMES, "one of " + "|".join(THRESHOLD_NAMES)),
+        _one_of(values, "promote", PROMOTE_CHOICES),
+        _one_of(values, "default_threshold", THRESHOLD_NAMES),
     ]
     problems = [f"{name} must be {expected}, got {values[name]!r}" for name, ok, expected in rules if not ok]
     weights = values["pretrained_weights"]
