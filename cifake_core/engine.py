@@ -126,7 +126,8 @@ def one_cycle_optimizer(
     groups = weight_decay_groups(model.parameters())
     if optimizer == "sgd":
         # The one-cycle schedule cycles the momentum between 0.85 and 0.95 against the learning rate (as it cycles
-        # AdamW's first beta): 0.9 is the starting value it replaces.
+        # AdamW's first beta): 0.9 is the starting value it replaces. Held at 0.9 instead, the momentum scored lower
+        # on CIFAKE (docs/BENCHMARKS.md, "Shifted views at test time, a constant momentum...").
         chosen = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     else:
         chosen = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
