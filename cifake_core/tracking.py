@@ -210,11 +210,14 @@ def tracked_run(experiment_name: str, run_name: str, tags: dict[str, str] | None
                 experiment_name,
             )
         yield run.info.run_id
-    except KeyboardInterrupt:
-        status, error_text = "KILLED", "interrupted (Ctrl-C or SIGTERM)"
-        raise
     except BaseException as error:
-        status, error_text = "FAILED", "".join(traceback.format_exception_only(error)).strip()[:5000]
+        if isinstance(error, KeyboardInterrupt):
+            status, error_text = "KILLED", "interrupted (Ctrl-C or SIGTERM)"
+        else:
+            status, error_text = "FAILED", "".join(traceback.format_exception_only(error)).strip()[:5000]
+        # An interrupt inside a write to a SQLite store leaves its statement mid-way, holding the store's write lock
+        # while the finished frames keep the cursor alive: freeing their locals releases it before the run is ended.
+        traceback.clear_frames(error.__traceback__)
         raise
     finally:
         heartbeat.stop()

@@ -25,6 +25,8 @@ import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from PIL import Image
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 from cifake_core import pipeline, tracking
 from cifake_core.cli import main
@@ -473,6 +475,35 @@ def test_training_processes_take_the_launchers_splits_only_as_made_for_their_run
     manifest.write_text("".join(manifest.read_text().splitlines(keepends=True)[:-1]))  # the last image lost
     assert pipeline._launcher_splits(root, data) is None
     assert caplog.text.count("do not read back as made for this run: scanning the data") == 3
+
+
+def test_an_interrupt_inside_a_metrics_write_still_ends_the_run_killed(tracking_store: str):
+    """A SIGTERM that lands inside a multi-row insert leaves SQLite's statement mid-way, holding the store's write
+    lock for as long as the exception's frames keep its cursor: the run's ending writes then waited 20 s each on
+    their own process's lock, failed, and the run stayed RUNNING (test_stopping_training_mid_run_ends_the_run_killed
+    failed so, now and then). Here the interrupt lands between the rows of the metrics insert every time."""
+    interrupted = []
+
+    def interrupt_after_the_first_row(connection, cursor, statement, parameters, context, executemany):
+        if not (executemany and statement.startswith("INSERT INTO metrics") and not interrupted):
+            return statement, parameters
+
+        def rows():
+            interrupted.append(statement)
+            yield parameters[0]
+            raise KeyboardInterrupt("signal 15")  # as cli._raise_keyboard_interrupt raises it
+
+        return statement, rows()
+
+    event.listen(Engine, "before_cursor_execute", interrupt_after_the_first_row, retval=True)
+    try:
+        with pytest.raises(KeyboardInterrupt), tracking.tracked_run("cifake", "train") as run_id:
+            tracking.log_metrics({"train_loss": 0.5, "val_auc": 0.9}, step=1)
+    finally:
+        event.remove(Engine, "before_cursor_execute", interrupt_after_the_first_row)
+    assert interrupted, "the metrics were not written in one multi-row insert: this test no longer interrupts one"
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.tags[tracking.ERROR_TAG] == "interrupted (Ctrl-C or SIGTERM)"
 
 
 def test_a_heartbeat_is_stamped_in_whole_seconds_never_in_the_future(monkeypatch):
