@@ -4,7 +4,8 @@ No other module calls MLflow, so the run lifecycle has one owner: a run always e
 exception) or KILLED (Ctrl-C, SIGTERM), never RUNNING, and a model version is registered only after the
 model is fully logged. A process killed outright (SIGKILL, a lost machine) cannot end its run: the launcher of
 `cifake train`'s processes ends it (`end_run_left_running`), and for any other a live run beats a heartbeat tag and
-the next stage started in the experiment ends runs whose heartbeat stopped.
+the next stage started in the experiment ends runs whose heartbeat stopped. A Ctrl-C or SIGTERM that arrives while
+this process writes params, metrics, tags, artifacts or the run's end to a database store acts once that write is whole.
 Under torchrun only rank 0 writes: the other ranks' calls here do nothing. Public MLflow APIs only:
 aliases, not the deprecated stages.
 
@@ -22,6 +23,7 @@ import json
 import logging
 import os
 import random
+import signal
 import socket
 import tempfile
 import threading
@@ -41,6 +43,7 @@ from mlflow.exceptions import MlflowException
 import cifake_core
 from cifake_core.errors import RUN_ID_FILE_VARIABLE, RegistryError
 from cifake_core.pyfunc_model import ONNX_ARTIFACT, THRESHOLDS_ARTIFACT, model_signature
+from cifake_core.tracking_server import database_scheme
 
 PRODUCTION_ALIAS = "production"
 MODEL_ARTIFACT_NAME = "model"
@@ -80,10 +83,38 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _main_process_only(function: Callable) -> Callable:
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """SIGINT and SIGTERM held back until the block ends, then raised again, where this process writes to a
+    database store itself: raised inside one of SQLAlchemy's transactions, an interrupt left it half-committed
+    (MLflow then reported it as its own internal error, and the run ended FAILED, not KILLED) or holding SQLite's
+    write lock. Python handles signals in the main thread only; a request to a tracking server is safe to abandon."""
+    if threading.current_thread() is not threading.main_thread() or not database_scheme(mlflow.get_tracking_uri()):
+        yield
+        return
+    received: list[int] = []
+    handlers = {
+        number: signal.signal(number, lambda signum, frame: received.append(signum))
+        for number in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)  # None: a handler set outside Python
+        if received:
+            signal.raise_signal(received[0])
+
+
+def _main_process_write(function: Callable) -> Callable:
+    """`function`, an MLflow write, run whole (`_interrupts_held`) and by rank 0 only."""
+
     @functools.wraps(function)
     def on_rank_zero(*args, **kwargs):
-        return function(*args, **kwargs) if _is_main_process() else None
+        if not _is_main_process():
+            return None
+        with _interrupts_held():
+            return function(*args, **kwargs)
 
     return on_rank_zero
 
@@ -215,20 +246,22 @@ def tracked_run(experiment_name: str, run_name: str, tags: dict[str, str] | None
             status, error_text = "KILLED", "interrupted (Ctrl-C or SIGTERM)"
         else:
             status, error_text = "FAILED", "".join(traceback.format_exception_only(error)).strip()[:5000]
-        # An interrupt inside a write to a SQLite store leaves its statement mid-way, holding the store's write lock
-        # while the finished frames keep the cursor alive: freeing their locals releases it before the run is ended.
+        # An interrupt inside a write this module does not hold interrupts for (starting the run, logging the model)
+        # leaves a SQLite statement mid-way, holding the store's write lock while the finished frames keep its cursor
+        # alive: freeing their locals releases it before the run is ended.
         traceback.clear_frames(error.__traceback__)
         raise
     finally:
         heartbeat.stop()
-        try:
-            if error_text:
-                mlflow.set_tag(ERROR_TAG, error_text)
-        finally:  # the status is written even when the tag cannot be
-            mlflow.end_run(status)
+        with _interrupts_held():  # a second Ctrl-C waits for the status to be written
+            try:
+                if error_text:
+                    mlflow.set_tag(ERROR_TAG, error_text)
+            finally:  # the status is written even when the tag cannot be
+                mlflow.end_run(status)
 
 
-@_main_process_only
+@_main_process_write
 def log_params(params: dict[str, Any]) -> None:
     """Log params the run does not have yet. `mlflow run` logs its entry-point parameters itself, as typed, and
     MLflow never changes a logged param: a value that differs from the typed one (the batch size that `0`
@@ -254,22 +287,22 @@ def _differs(logged: str, value: Any) -> bool:
     return logged != str(value)
 
 
-@_main_process_only
+@_main_process_write
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     mlflow.log_metrics(metrics, step=step)
 
 
-@_main_process_only
+@_main_process_write
 def set_tags(tags: dict[str, Any]) -> None:
     mlflow.set_tags({key: str(value) for key, value in tags.items()})
 
 
-@_main_process_only
+@_main_process_write
 def log_artifact(path: Path, folder: str | None = None) -> None:
     mlflow.log_artifact(str(path), artifact_path=folder)
 
 
-@_main_process_only
+@_main_process_write
 def log_dataset(manifest: pd.DataFrame, source: str, name: str, fingerprint: str, context: str) -> None:
     """The manifest as an MLflow dataset input, with our content fingerprint as its digest."""
     with warnings.catch_warnings():

@@ -21,10 +21,16 @@ DATABASE_SCHEMES = ("postgresql", "mysql", "mssql", "sqlite")
 CONNECT_TIMEOUT_SECONDS = 5
 
 
+def database_scheme(uri: str) -> str | None:
+    """The database `uri` names (`postgresql` for postgresql+psycopg://...), or None for a server or a folder."""
+    scheme = uri.split(":", 1)[0].split("+", 1)[0]
+    return scheme if scheme in DATABASE_SCHEMES else None
+
+
 def check_backend_store(uri: str) -> None:
     """Raise ConfigError, naming the problem and the fix, unless `uri` is a database that answers."""
-    scheme = uri.split(":", 1)[0].split("+", 1)[0]
-    if scheme not in DATABASE_SCHEMES:
+    scheme = database_scheme(uri)
+    if scheme is None:
         raise ConfigError(
             f"backend_store_uri {uri!r} is not a database URI: use postgresql://USER:PASSWORD@HOST:PORT/DB "
             "(or sqlite:///PATH for a single user)"

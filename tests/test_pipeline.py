@@ -29,7 +29,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from cifake_core import pipeline, tracking
-from cifake_core.cli import main
+from cifake_core.cli import _raise_keyboard_interrupt, main
 from cifake_core.config import BATCH_SIZE, DataConfig, TrainConfig, load_config
 from cifake_core.data import MANIFEST_FILE, write_split_files
 from cifake_core.errors import LAUNCH_FOLDER_VARIABLE
@@ -477,11 +477,37 @@ def test_training_processes_take_the_launchers_splits_only_as_made_for_their_run
     assert caplog.text.count("do not read back as made for this run: scanning the data") == 3
 
 
-def test_an_interrupt_inside_a_metrics_write_still_ends_the_run_killed(tracking_store: str):
-    """A SIGTERM that lands inside a multi-row insert leaves SQLite's statement mid-way, holding the store's write
-    lock for as long as the exception's frames keep its cursor: the run's ending writes then waited 20 s each on
-    their own process's lock, failed, and the run stayed RUNNING (test_stopping_training_mid_run_ends_the_run_killed
-    failed so, now and then). Here the interrupt lands between the rows of the metrics insert every time."""
+def test_a_sigterm_during_a_metrics_write_lets_it_finish_then_ends_the_run_killed(tracking_store: str):
+    """Raised inside SQLAlchemy's transaction, the interrupt left it half-committed (MLflow reported an internal
+    error and the run ended FAILED) or holding SQLite's write lock (the run's ending writes waited 20 s each on their
+    own process, failed, and the run was left RUNNING): test_stopping_training_mid_run_ends_the_run_killed failed so,
+    now and then. Here the signal arrives inside the metrics insert every time."""
+    signalled = []
+
+    def sigterm_inside_the_insert(connection, cursor, statement, parameters, context, executemany):
+        if statement.startswith("INSERT INTO metrics") and not signalled:
+            signalled.append(statement)
+            signal.raise_signal(signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # as `cifake train` handles it
+    event.listen(Engine, "before_cursor_execute", sigterm_inside_the_insert)
+    try:
+        with pytest.raises(KeyboardInterrupt), tracking.tracked_run("cifake", "train") as run_id:
+            tracking.log_metrics({"train_loss": 0.5, "val_auc": 0.9}, step=1)
+    finally:
+        event.remove(Engine, "before_cursor_execute", sigterm_inside_the_insert)
+        signal.signal(signal.SIGTERM, previous)
+    assert signalled, "the metrics insert was not seen: this test no longer signals inside it"
+    run = MlflowClient().get_run(run_id)
+    assert run.data.metrics == {"train_loss": 0.5, "val_auc": 0.9}
+    assert run.info.status == "KILLED" and run.data.tags[tracking.ERROR_TAG] == "interrupted (Ctrl-C or SIGTERM)"
+
+
+def test_an_interrupt_raised_inside_a_write_without_held_signals_does_not_lock_the_store_for_the_runs_end(
+    tracking_store: str,
+):
+    """Writes such as logging the model hold no signals: an interrupt between the rows of a multi-row insert left
+    SQLite's statement mid-way, holding the write lock while the exception's frames kept the cursor alive."""
     interrupted = []
 
     def interrupt_after_the_first_row(connection, cursor, statement, parameters, context, executemany):
@@ -491,14 +517,14 @@ def test_an_interrupt_inside_a_metrics_write_still_ends_the_run_killed(tracking_
         def rows():
             interrupted.append(statement)
             yield parameters[0]
-            raise KeyboardInterrupt("signal 15")  # as cli._raise_keyboard_interrupt raises it
+            raise KeyboardInterrupt("signal 15")
 
         return statement, rows()
 
     event.listen(Engine, "before_cursor_execute", interrupt_after_the_first_row, retval=True)
     try:
         with pytest.raises(KeyboardInterrupt), tracking.tracked_run("cifake", "train") as run_id:
-            tracking.log_metrics({"train_loss": 0.5, "val_auc": 0.9}, step=1)
+            mlflow.log_metrics({"train_loss": 0.5, "val_auc": 0.9}, step=1)  # around tracking's held signals
     finally:
         event.remove(Engine, "before_cursor_execute", interrupt_after_the_first_row)
     assert interrupted, "the metrics were not written in one multi-row insert: this test no longer interrupts one"
