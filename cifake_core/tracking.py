@@ -5,7 +5,8 @@ exception) or KILLED (Ctrl-C, SIGTERM), never RUNNING, and a model version is re
 model is fully logged. A process killed outright (SIGKILL, a lost machine) cannot end its run: the launcher of
 `cifake train`'s processes ends it (`end_run_left_running`), and for any other a live run beats a heartbeat tag and
 the next stage started in the experiment ends runs whose heartbeat stopped. A Ctrl-C or SIGTERM that arrives while
-this process writes params, metrics, tags, artifacts or the run's end to a database store acts once that write is whole.
+this process writes a run (its start and end, params, metrics, tags, artifacts, the model) or a registered version to
+a database store acts once that write is whole.
 Under torchrun only rank 0 writes: the other ranks' calls here do nothing. Public MLflow APIs only:
 aliases, not the deprecated stages.
 
@@ -220,12 +221,13 @@ def tracked_run(experiment_name: str, run_name: str, tags: dict[str, str] | None
     # mlflow.set_experiment returns it without making it active, and the run would land in `Default`.
     experiment_id = None if resumed_id else mlflow.set_experiment(experiment_name).experiment_id
     end_abandoned_runs(experiment_name)
-    run = mlflow.start_run(
-        run_id=resumed_id or None,
-        experiment_id=experiment_id,
-        run_name=None if resumed_id else run_name,
-        tags=tags,
-    )
+    with _interrupts_held():
+        run = mlflow.start_run(
+            run_id=resumed_id or None,
+            experiment_id=experiment_id,
+            run_name=None if resumed_id else run_name,
+            tags=tags,
+        )
     status, error_text = "FINISHED", ""
     heartbeat = _Heartbeat(run.info.run_id)
     try:
@@ -246,9 +248,9 @@ def tracked_run(experiment_name: str, run_name: str, tags: dict[str, str] | None
             status, error_text = "KILLED", "interrupted (Ctrl-C or SIGTERM)"
         else:
             status, error_text = "FAILED", "".join(traceback.format_exception_only(error)).strip()[:5000]
-        # An interrupt inside a write this module does not hold interrupts for (starting the run, logging the model)
-        # leaves a SQLite statement mid-way, holding the store's write lock while the finished frames keep its cursor
-        # alive: freeing their locals releases it before the run is ended.
+        # An interrupt inside a write that holds none (the first heartbeat, the promotion lock, a caller's own MLflow
+        # call) leaves a SQLite statement mid-way, holding the store's write lock while the finished frames keep its
+        # cursor alive: freeing their locals releases it before the run is ended.
         traceback.clear_frames(error.__traceback__)
         raise
     finally:
@@ -323,6 +325,7 @@ def _serving_requirements() -> list[str]:
     return [f"{package}=={installed_version(package)}" for package in _SERVING_PACKAGES]
 
 
+@_interrupts_held()
 def log_pyfunc_model(onnx_path: Path, thresholds_path: Path, input_example: pd.DataFrame) -> str:
     """Log the ONNX pyfunc model (with its own copy of cifake_core) to the active run; return its model URI."""
     info = mlflow.pyfunc.log_model(
@@ -338,12 +341,14 @@ def log_pyfunc_model(onnx_path: Path, thresholds_path: Path, input_example: pd.D
     return info.model_uri
 
 
+@_interrupts_held()
 def register_model(model_uri: str, name: str, tags: dict[str, Any]) -> str:
     """A new version of registered model `name` from `model_uri`, tagged; returns the version number."""
     version = mlflow.register_model(model_uri, name, tags={key: str(value) for key, value in tags.items()})
     return str(version.version)
 
 
+@_interrupts_held()
 def delete_run_versions(name: str, run_id: str) -> None:
     """Delete every version of `name` registered from `run_id` (the clean-up after a failed registration)."""
     client = MlflowClient()
@@ -380,6 +385,7 @@ def alias_version(name: str, alias: str = PRODUCTION_ALIAS) -> dict[str, Any] | 
     return version_info(name, str(found.version))
 
 
+@_interrupts_held()
 def set_alias(name: str, version: str, alias: str = PRODUCTION_ALIAS) -> None:
     version_info(name, version)
     MlflowClient().set_registered_model_alias(name, alias, version)
