@@ -506,8 +506,9 @@ def test_a_sigterm_during_a_metrics_write_lets_it_finish_then_ends_the_run_kille
 def test_an_interrupt_raised_inside_a_write_without_held_signals_does_not_lock_the_store_for_the_runs_end(
     tracking_store: str,
 ):
-    """Writes such as logging the model hold no signals: an interrupt between the rows of a multi-row insert left
-    SQLite's statement mid-way, holding the write lock while the exception's frames kept the cursor alive."""
+    """Some writes hold no signals (the promotion lock, a caller's own MLflow call): an interrupt between the rows of
+    a multi-row insert left SQLite's statement mid-way, holding the write lock while the exception's frames kept the
+    cursor alive."""
     interrupted = []
 
     def interrupt_after_the_first_row(connection, cursor, statement, parameters, context, executemany):
