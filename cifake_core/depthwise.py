@@ -2,13 +2,15 @@
 
 oneDNN's backward pass for depthwise convolutions has two slow paths on this project's CPU
 (docs/BENCHMARKS.md, "The depthwise backward pass"). Its weight gradient, for a layer whose kernel is larger
-than its input (at 32 px: MobileNetV3-Large's last 5x5 layers, on 4x4 and 2x2 inputs), takes 75-95 ms a batch
-of 128 on one core, against 6-8 ms for summing one kernel tap at a time over strided slices of the input; and
+than its input (at 32 px: MobileNetV3-Large's last 5x5 layers, on 4x4 and 2x2 inputs), takes 90-170 ms a batch
+of 128 on one core, against 1-9 ms when every pair of an output and an input pixel is summed over the batch and
+added into the kernel tap that joins them (inputs this small have fewer pixels than the kernel has taps); and
 its input gradient is mostly slower than a transposed convolution, which computes the same thing (up to 2x at
 this network's layers; at one layer 5% faster). `use_cpu_backward` gives a network's depthwise layers that
-backward pass: 1.57x the whole training step at 32 px. It applies only while training on a CPU, so evaluation,
-ONNX export, Grad-CAM and GPUs run plain `torch.nn.Conv2d`, and the parameters and their state-dict names stay
-as they are.
+backward pass: 1.57x the whole training step at 32 px with the stride-1 stem, and the pairs another 1.22x with
+the stride-2 stem (docs/BENCHMARKS.md, "The depthwise weight gradient from pixel pairs"). It applies only while
+training on a CPU, so evaluation, ONNX export, Grad-CAM and GPUs run plain `torch.nn.Conv2d`, and the parameters
+and their state-dict names stay as they are.
 
 Usage:
     backbone = use_cpu_backward(timm.create_model("mobilenetv3_large_100"))
@@ -16,8 +18,31 @@ Usage:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+
+
+@functools.lru_cache(maxsize=64)
+def taps_joining_pixels(
+    input_size: tuple[int, int],
+    output_size: tuple[int, int],
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+) -> torch.Tensor:
+    """A (output pixels x input pixels, kernel taps) matrix of ones and zeros: row (o, i) has a one at the tap
+    through which output pixel o reads input pixel i, and none where no tap joins them."""
+    (kernel_height, kernel_width), (stride_y, stride_x), (pad_y, pad_x) = kernel_size, stride, padding
+    out_y, out_x, in_y, in_x = torch.meshgrid(
+        *(torch.arange(size) for size in (*output_size, *input_size)), indexing="ij"
+    )
+    tap_y, tap_x = (in_y - out_y * stride_y + pad_y).flatten(), (in_x - out_x * stride_x + pad_x).flatten()
+    joined = (tap_y >= 0) & (tap_y < kernel_height) & (tap_x >= 0) & (tap_x < kernel_width)
+    taps = torch.zeros(len(joined), kernel_height * kernel_width)
+    taps[joined, (tap_y * kernel_width + tap_x)[joined]] = 1.0
+    return taps
 
 
 def depthwise_weight_grad(
@@ -27,30 +52,25 @@ def depthwise_weight_grad(
     stride: tuple[int, int],
     padding: tuple[int, int],
 ) -> torch.Tensor:
-    """The gradient of a depthwise convolution's (channels, 1, kh, kw) weight: for each kernel tap, the sum over
-    the batch and the output positions of the output gradient times the input pixel that tap reads there."""
-    (kernel_height, kernel_width), (stride_y, stride_x), (pad_y, pad_x) = kernel_size, stride, padding
-    out_height, out_width = grad_output.shape[-2:]
-    padded = F.pad(images, (pad_x, pad_x, pad_y, pad_y))
-    taps = [
-        (
-            padded[
-                :,
-                :,
-                dy : dy + stride_y * (out_height - 1) + 1 : stride_y,
-                dx : dx + stride_x * (out_width - 1) + 1 : stride_x,
-            ]
-            * grad_output
-        ).sum((0, 2, 3))
-        for dy in range(kernel_height)
-        for dx in range(kernel_width)
-    ]
-    return torch.stack(taps, 1).view(-1, 1, kernel_height, kernel_width)
+    """The gradient of a depthwise convolution's (channels, 1, kh, kw) weight, from pixel pairs: for every output
+    pixel and input pixel, the sum over the batch of the output gradient at the one times the input at the other,
+    added into the kernel tap that joins the two (`taps_joining_pixels`). That is fewer products than one tap at a
+    time over the padded input wherever the input has fewer pixels than the kernel has taps."""
+    batch, channels = images.shape[:2]
+    # Channels-last tensors give these (batch, pixels, channels) views without a copy.
+    inputs = images.permute(0, 2, 3, 1).reshape(batch, 1, -1, channels)
+    gradients = grad_output.permute(0, 2, 3, 1).reshape(batch, -1, 1, channels)
+    pair_sums = (gradients * inputs).sum(0).view(-1, channels)
+    taps = taps_joining_pixels(
+        tuple(images.shape[-2:]), tuple(grad_output.shape[-2:]), tuple(kernel_size), tuple(stride), tuple(padding)
+    )
+    return (taps.to(pair_sums.dtype).T @ pair_sums).T.reshape(channels, 1, *kernel_size)
 
 
-def slices_weight_grad(kernel_size: tuple[int, ...], input_size: tuple[int, ...]) -> bool:
-    """Whether the CPU backward pass takes a layer's weight gradient by slices: where its kernel is larger than
-    its input (`input_size` ends with height and width), the only layers where slicing beats oneDNN."""
+def weight_grad_from_pairs(kernel_size: tuple[int, ...], input_size: tuple[int, ...]) -> bool:
+    """Whether the CPU backward pass takes a layer's weight gradient from pixel pairs (`depthwise_weight_grad`):
+    where its kernel is larger than its input (`input_size` ends with height and width), the only layers where
+    that beats oneDNN."""
     return max(kernel_size) > min(input_size[-2:])
 
 
@@ -85,11 +105,11 @@ class _CpuBackwardDepthwise(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_images = depthwise_input_grad(images.shape, weight, grad_output, ctx.stride, ctx.padding)
         if ctx.needs_input_grad[1]:
-            if slices_weight_grad(weight.shape[-2:], images.shape):
-                sliced = depthwise_weight_grad(images, grad_output, weight.shape[-2:], ctx.stride, ctx.padding)
+            if weight_grad_from_pairs(weight.shape[-2:], images.shape):
+                from_pairs = depthwise_weight_grad(images, grad_output, weight.shape[-2:], ctx.stride, ctx.padding)
                 # In the weight's own strides, as conv2d_weight gives them: DDP's gradient buckets copy each
                 # parameter's strides and warn, at every run, about a gradient with other ones.
-                grad_weight = torch.empty_like(weight).copy_(sliced)
+                grad_weight = torch.empty_like(weight).copy_(from_pairs)
             else:
                 grad_weight = torch.nn.grad.conv2d_weight(
                     images, weight.shape, grad_output, ctx.stride, ctx.padding, groups=weight.shape[0]

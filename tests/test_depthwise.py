@@ -46,16 +46,16 @@ def test_both_gradients_equal_pytorchs(size: int, kernel: int, stride: int):
 
 
 @pytest.mark.parametrize(("size", "stride"), [(2, 1), (4, 2), (16, 1), (15, 2)])
-def test_a_training_layer_gets_pytorchs_gradients_and_slices_only_inputs_smaller_than_its_kernel(
+def test_a_training_layer_gets_pytorchs_gradients_and_uses_pairs_only_for_inputs_smaller_than_its_kernel(
     size: int, stride: int, monkeypatch
 ):
-    calls = {"input": 0, "sliced": 0}
+    calls = {"input": 0, "pairs": 0}
 
     def counted(name, function):
         return lambda *args: calls.__setitem__(name, calls[name] + 1) or function(*args)
 
     monkeypatch.setattr(depthwise, "depthwise_input_grad", counted("input", depthwise_input_grad))
-    monkeypatch.setattr(depthwise, "depthwise_weight_grad", counted("sliced", depthwise_weight_grad))
+    monkeypatch.setattr(depthwise, "depthwise_weight_grad", counted("pairs", depthwise_weight_grad))
     torch.manual_seed(0)
     plain = torch.nn.Conv2d(8, 8, 5, stride, 2, groups=8, bias=False)
     fast = use_cpu_backward(torch.nn.Sequential(torch.nn.Conv2d(8, 8, 5, stride, 2, groups=8, bias=False)))[0]
@@ -68,14 +68,14 @@ def test_a_training_layer_gets_pytorchs_gradients_and_slices_only_inputs_smaller
         (layer.train()(given) ** 2).sum().backward()
         gradients.append((given.grad, layer.weight.grad))
     torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-4, atol=1e-4)
-    expected = {"input": 1, "sliced": 1 if size < 5 else 0}
+    expected = {"input": 1, "pairs": 1 if size < 5 else 0}
     assert calls == expected
     given = images.clone().requires_grad_()
     (fast.eval()(given) ** 2).sum().backward()  # evaluation (Grad-CAM, export) runs PyTorch's own convolution
     assert calls == expected
 
 
-@pytest.mark.parametrize("size", [2, 16], ids=["sliced", "conv2d_weight"])
+@pytest.mark.parametrize("size", [2, 16], ids=["pairs", "conv2d_weight"])
 def test_the_weight_gradient_has_the_channels_last_weights_own_strides(size: int):
     # DDP's gradient buckets copy each parameter's strides and warn about a gradient with other ones.
     layer = use_cpu_backward(torch.nn.Sequential(torch.nn.Conv2d(8, 8, 5, 1, 2, groups=8, bias=False)))
