@@ -72,10 +72,7 @@ def main() -> None:
         "\n|---|---|---|---|---|---|"
     )
     for row in rows:
-        if row["pairs_in_training"]:
-            pytorch, pairs = table_cells(row["weight_pytorch_ms"], row["weight_pairs_ms"], True)
-        else:
-            pytorch, pairs = f"**{row['weight_pytorch_ms']:.1f}**", "-"
+        pytorch, pairs = table_cells(row["weight_pytorch_ms"], row.get("weight_pairs_ms"), row["pairs_in_training"])
         print(
             f"| {'x'.join(map(str, row['input']))} | {row['kernel']}, {row['stride']} | {row['input_pytorch_ms']:.1f} "
             f"| **{row['input_transposed_ms']:.1f}** | {pytorch} | {pairs} |"

@@ -74,9 +74,10 @@ def milliseconds(work: Callable[[], object], repeats: int) -> float:
     return (time.perf_counter() - started) / repeats * 1000
 
 
-def table_cells(theirs_ms: float, ours_ms: float, ours_in_training: bool) -> tuple[str, str]:
-    """Two timings of one layer as Markdown table cells, the one the pipeline trains with in bold."""
-    cells = [f"{theirs_ms:.1f}", f"{ours_ms:.1f}"]
+def table_cells(theirs_ms: float, ours_ms: float | None, ours_in_training: bool) -> tuple[str, str]:
+    """Two timings of one layer as Markdown table cells, the one the pipeline trains with in bold; `ours_ms` None
+    (not timed at this layer) gives "-"."""
+    cells = [f"{theirs_ms:.1f}", "-" if ours_ms is None else f"{ours_ms:.1f}"]
     cells[ours_in_training] = f"**{cells[ours_in_training]}**"
     return cells[0], cells[1]
 
