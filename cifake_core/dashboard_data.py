@@ -23,7 +23,7 @@ from cifake_core.tracking import ERROR_TAG, PRODUCTION_ALIAS, USED_PARAM_TAG_PRE
 
 KEY_PARAMS = (
     "epochs",
-    "coarse_epochs",
+    "fine_epochs",
     "select_fraction",
     "batch_size",
     "optimizer",

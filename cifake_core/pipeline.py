@@ -237,11 +237,11 @@ def eval_batch_size(device: torch.device) -> int:
     return CPU_EVAL_BATCH_SIZE if device.type == "cpu" else GPU_EVAL_BATCH_SIZE
 
 
-def coarse_epoch_count(epochs: int, coarse_epochs: int, stem_stride: int) -> int:
-    """How many of the first epochs train at a stride-2 stem: `coarse_epochs`, less any that would leave no epoch at
-    `stem_stride` (the stride the model is exported at, and its kept epoch picked at), and none when that stride is
-    already 2. So `epochs=1` with the default `coarse_epochs=1` trains one epoch at stride 1."""
-    return min(coarse_epochs, epochs - 1) if stem_stride == 1 else 0
+def coarse_epoch_count(epochs: int, fine_epochs: int, stem_stride: int) -> int:
+    """How many of the first epochs train at a stride-2 stem: those before the last `fine_epochs` (which train at
+    `stem_stride`, the stride the model is exported at and its kept epoch picked at); none when `fine_epochs` is 0,
+    covers every epoch, or `stem_stride` is already 2."""
+    return max(epochs - fine_epochs, 0) if stem_stride == 1 and fine_epochs > 0 else 0
 
 
 def _train_epochs(
@@ -274,16 +274,7 @@ def _train_epochs(
     generator = torch.Generator().manual_seed(seed + distributed.rank())
     selection_generator = torch.Generator().manual_seed(seed)
     last_losses = torch.zeros(count)
-    coarse_epochs = coarse_epoch_count(train.epochs, train.coarse_epochs, stem_stride)
-    if coarse_epochs != train.coarse_epochs:
-        log.info(
-            "coarse_epochs=%d gives %d coarse epoch(s) of %d at stem_stride %d: the last epoch is never coarse, and "
-            "with stem_stride 2 none is",
-            train.coarse_epochs,
-            coarse_epochs,
-            train.epochs,
-            stem_stride,
-        )
+    coarse_epochs = coarse_epoch_count(train.epochs, train.fine_epochs, stem_stride)
     best: dict[str, float] = {"val_auc": -1.0}
     for epoch in range(1, train.epochs + 1):
         pool = torch.arange(count)

@@ -37,7 +37,7 @@ def test_defaults_then_yaml_then_overrides(tmp_path: Path):
         ({"val_fraction": "1.5"}, "val_fraction must be a fraction"),
         ({"pretrained": "maybe"}, "pretrained must be one of auto|true|false"),
         ({"stem_stride": "4"}, "stem_stride must be 1 or 2"),
-        ({"coarse_epochs": "-1"}, "coarse_epochs must be 0 .none. or a positive count, got -1"),
+        ({"fine_epochs": "-1"}, "fine_epochs must be 0 .every epoch. or a positive count, got -1"),
         ({"select_fraction": "0"}, "select_fraction must be a fraction above 0 and at most 1"),
         ({"select_fraction": "1.5"}, "select_fraction must be a fraction above 0 and at most 1"),
         ({"batch_size": "1"}, "batch_size must be 0 .auto. or at least 2"),

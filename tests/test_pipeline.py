@@ -228,7 +228,7 @@ def test_the_epoch_gets_the_configured_training_settings(tiny_demo: Path, tracki
         "grad_clip_norm": "2.5",
         "translate": "3",
         "epochs": "2",
-        "coarse_epochs": "1",
+        "fine_epochs": "1",
     }
     with pytest.raises(RuntimeError, match="stopped at the first epoch"):
         pipeline.train(_config(tiny_demo, **settings))
@@ -292,7 +292,7 @@ def test_the_epoch_loop_ends_holding_the_best_epochs_weights(tmp_path: Path, mon
 
     real_epoch = pipeline.train_one_epoch
     monkeypatch.setattr(pipeline, "train_one_epoch", recorded_epoch)
-    train = TrainConfig(epochs=2, coarse_epochs=0, batch_size=4, device="cpu", num_workers=0)
+    train = TrainConfig(epochs=2, fine_epochs=0, batch_size=4, device="cpu", num_workers=0)
     model, best, checkpoint = _train_epochs_on_noise(tmp_path, monkeypatch, [0.9, 0.5], train, stem_stride=2)
     assert best["epoch"] == 1 and len(weights_after_each_epoch) == 2
     first, last = weights_after_each_epoch
@@ -306,7 +306,7 @@ def test_epochs_are_judged_on_one_view_and_the_model_keeps_flip_tta(tmp_path: Pa
     """Validation after each epoch scores the images without their mirror (half the cost); the model leaves the
     loop with flip_tta on, as it is scored after training and exported."""
     judged: list[bool] = []
-    train = TrainConfig(epochs=2, coarse_epochs=0, batch_size=4, device="cpu", num_workers=0)
+    train = TrainConfig(epochs=2, fine_epochs=0, batch_size=4, device="cpu", num_workers=0)
     model, best, _ = _train_epochs_on_noise(
         tmp_path, monkeypatch, [0.5, 0.9], train, stem_stride=2, flip_tta=True, judged_with_flip_tta=judged
     )
@@ -315,17 +315,16 @@ def test_epochs_are_judged_on_one_view_and_the_model_keeps_flip_tta(tmp_path: Pa
 
 
 @pytest.mark.parametrize(
-    ("epochs", "coarse_epochs", "stem_stride", "expected"),
-    [(16, 1, 1, 1), (16, 12, 1, 12), (16, 16, 1, 15), (1, 1, 1, 0), (3, 0, 1, 0), (16, 1, 2, 0)],
+    ("epochs", "fine_epochs", "stem_stride", "expected"),
+    [(22, 10, 1, 12), (16, 15, 1, 1), (8, 10, 1, 0), (1, 10, 1, 0), (10, 10, 1, 0), (3, 0, 1, 0), (22, 10, 2, 0)],
 )
-def test_coarse_epochs_leave_the_last_epoch_at_the_exported_stride(epochs, coarse_epochs, stem_stride, expected):
-    assert pipeline.coarse_epoch_count(epochs, coarse_epochs, stem_stride) == expected
+def test_the_epochs_before_the_fine_ones_are_coarse(epochs, fine_epochs, stem_stride, expected):
+    assert pipeline.coarse_epoch_count(epochs, fine_epochs, stem_stride) == expected
 
 
 def test_coarse_epochs_train_at_stride_2_and_are_never_the_kept_epoch(tmp_path: Path, monkeypatch):
-    """coarse_epochs=5 of 3: two epochs at a stride-2 stem, then one at stride 1 (the last epoch is never coarse).
-    The stride-1 epoch is kept though the coarse ones scored higher (the model is exported at stride 1), and the
-    model ends at stride 1."""
+    """fine_epochs=1 of 3: two epochs at a stride-2 stem, then one at stride 1. The stride-1 epoch is kept though
+    the coarse ones scored higher (the model is exported at stride 1), and the model ends at stride 1."""
     strides = []
 
     def recorded_epoch(model, *args, **kwargs):
@@ -334,7 +333,7 @@ def test_coarse_epochs_train_at_stride_2_and_are_never_the_kept_epoch(tmp_path: 
 
     real_epoch = pipeline.train_one_epoch
     monkeypatch.setattr(pipeline, "train_one_epoch", recorded_epoch)
-    train = TrainConfig(epochs=3, coarse_epochs=5, batch_size=4, device="cpu", num_workers=0)
+    train = TrainConfig(epochs=3, fine_epochs=1, batch_size=4, device="cpu", num_workers=0)
     model, best, checkpoint = _train_epochs_on_noise(tmp_path, monkeypatch, [0.99, 0.98, 0.5], train, stem_stride=1)
     assert strides == [(2, 2), (2, 2), (1, 1)]
     assert best["epoch"] == 3 and best["val_auc"] == 0.5
