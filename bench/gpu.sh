@@ -2,7 +2,7 @@
 # GPU figures in one go, for a CUDA machine whose Python already holds PyTorch, timm, onnx and onnxruntime
 # (mlflow and the rest come in .whl/site.tar.xz, made by bench/gpu_bundle.sh, for a machine without a
 # package registry):
-#   1. the whole default training run (`experiments/stage.py train`, every default: decode, 16 epochs,
+#   1. the whole default training run (`experiments/stage.py train`, every default: decode, 22 epochs,
 #      test, calibration, ONNX export, registration, robustness) on a dataset of CIFAKE's size and layout,
 #      built from a folder of images repeated K times (`bench/memory.py`'s byte-distinct copies): its
 #      timings are what CIFAKE would cost, its AUC means nothing (the copies leak into the test split);
