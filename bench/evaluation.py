@@ -22,7 +22,8 @@ from collections.abc import Callable
 import torch
 
 from cifake_core.config import SWITCH_CHOICES, ModelConfig
-from cifake_core.engine import batched_logits, keep_freed_memory_for_reuse, predict_logits, resolve_device
+from cifake_core.distributed import resolve_device
+from cifake_core.engine import batched_logits, keep_freed_memory_for_reuse, predict_logits
 from cifake_core.models import create_model
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}

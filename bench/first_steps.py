@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 from cifake_core.config import BATCH_SIZE, DataConfig, ModelConfig, TrainConfig  # noqa: E402
 from cifake_core.data import array_cache_folder, load_split_arrays  # noqa: E402
 from cifake_core.engine import one_cycle_optimizer, random_flip  # noqa: E402
+from cifake_core.launch import prepare, resolve_dataset  # noqa: E402
 from cifake_core.models import create_model  # noqa: E402
-from cifake_core.pipeline import prepare, resolve_dataset  # noqa: E402
 
 
 def _timm_head(model: torch.nn.Module) -> None:

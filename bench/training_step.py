@@ -44,7 +44,8 @@ import torch.nn.functional as F
 
 from cifake_core.config import ModelConfig
 from cifake_core.depthwise import CpuBackwardDepthwiseConv2d
-from cifake_core.engine import keep_freed_memory_for_reuse, random_flip, resolve_device
+from cifake_core.distributed import resolve_device
+from cifake_core.engine import keep_freed_memory_for_reuse, random_flip
 from cifake_core.models import create_model
 from cifake_core.pointwise import MatmulPointwiseConv2d
 

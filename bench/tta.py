@@ -29,10 +29,12 @@ sys.path.insert(0, str(ROOT))
 
 from cifake_core.config import DataConfig  # noqa: E402
 from cifake_core.data import array_cache_folder, load_split_arrays  # noqa: E402
-from cifake_core.engine import predict_logits, prob_ai, resolve_device, training_memory_format, translate  # noqa: E402
+from cifake_core.distributed import resolve_device  # noqa: E402
+from cifake_core.engine import predict_logits, prob_ai, training_memory_format, translate  # noqa: E402
+from cifake_core.launch import prepare, resolve_dataset  # noqa: E402
 from cifake_core.metrics import binary_metrics  # noqa: E402
 from cifake_core.models import ImageClassifier, load_checkpoint, single_view  # noqa: E402
-from cifake_core.pipeline import eval_batch_size, prepare, resolve_dataset  # noqa: E402
+from cifake_core.pipeline import eval_batch_size  # noqa: E402
 
 View = tuple[int, int, bool]  # (dy, dx, mirrored)
 

@@ -156,19 +156,22 @@ def _run(arguments: argparse.Namespace, argv: Sequence[str]) -> int | None:
     if arguments.stage == "server":
         return _server(arguments)
     config = None if arguments.stage == "data" and arguments.action == "download" else _config_from(arguments)
-    # Imported after the config is checked, so a mistyped flag is answered without loading torch and MLflow.
-    from cifake_core import pipeline
-
+    # Imported after the config is checked, so a mistyped flag is answered without loading torch and MLflow; a
+    # launcher of training processes never loads MLflow or the model (pipeline), which only its processes use.
     if arguments.stage == "train":
         from cifake_core import distributed
         from cifake_core.data import usable_cores
-        from cifake_core.engine import resolve_device
 
         if not distributed.launched_by_torchrun():
-            device_type = resolve_device(config.train.device).type
+            device_type = distributed.resolve_device(config.train.device).type
             processes = distributed.process_count(config.train.processes, device_type, usable_cores())
             if processes > 1:
-                return pipeline.launch_training(config, processes, argv)
+                from cifake_core.launch import launch_training
+
+                return launch_training(config, processes, argv)
+    from cifake_core import pipeline
+
+    if arguments.stage == "train":
         result = pipeline.train(config)
         if result is None:  # a torchrun rank other than 0: rank 0 reports
             return None

@@ -76,9 +76,9 @@ class TrainConfig:
     fine_epochs: int = field(
         default=10,
         metadata=_help(
-            "the last N epochs train at stem_stride, and the kept epoch is picked among them; the epochs before "
-            "them train with a stride-2 stem (coarse: at 32 px about 2x cheaper a step on a CPU); 0 = every epoch "
-            "at stem_stride"
+            "the last N epochs train at stem_stride, and the kept epoch is picked among them (only they are "
+            "validated); the epochs before them train with a stride-2 stem (coarse: at 32 px about 2x cheaper a step "
+            "on a CPU); 0 = every epoch at stem_stride"
         ),
     )
     select_fraction: float = field(

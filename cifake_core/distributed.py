@@ -65,6 +65,22 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(hours=6)
 CPU_PROCESSES = 2
 
 
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA, then Apple's MPS, then the CPU; a named device must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise DeviceError(f"device={name} but this machine has no such CUDA device: use device=auto or device=cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError("device=mps but MPS is not available here: use device=auto or device=cpu")
+    return device
+
+
 def process_count(processes: int, device_type: str, cores: int) -> int:
     """The training processes to start: `processes`, or for 0 (auto) `CPU_PROCESSES` on a CPU with at least that
     many cores and one otherwise (a GPU, Apple's MPS, a one-core machine)."""

@@ -16,11 +16,8 @@ import base64
 import dataclasses
 import io
 import logging
-import os
-import shutil
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,18 +31,7 @@ from PIL import Image
 from cifake_core import CLASS_NAMES, distributed, tracking
 from cifake_core.calibration import calibration_report, expected_calibration_error, fit_temperature, log_loss
 from cifake_core.config import DataConfig, RunConfig, TrainConfig
-from cifake_core.data import (
-    PreparedData,
-    array_cache_folder,
-    find_dataset_root,
-    fingerprint_manifest,
-    load_split_arrays,
-    prepare_splits,
-    read_split_files,
-    scan_cache_folder,
-    write_split_files,
-)
-from cifake_core.demo import DEMO_VERSION, ensure_demo_dataset
+from cifake_core.data import PreparedData, array_cache_folder, load_split_arrays, write_split_files
 from cifake_core.engine import (
     batch_starts,
     batched_logits,
@@ -54,7 +40,6 @@ from cifake_core.engine import (
     logit_metrics,
     one_cycle_optimizer,
     prob_ai,
-    resolve_device,
     select_hard_examples,
     selected_count,
     sharded_logits,
@@ -62,7 +47,7 @@ from cifake_core.engine import (
     train_one_epoch,
     training_memory_format,
 )
-from cifake_core.errors import LAUNCH_FOLDER_VARIABLE, DatasetError
+from cifake_core.launch import check_memory, launch_folder, launcher_splits, prepare, resolve_dataset
 from cifake_core.metrics import binary_metrics, confusion, curves, threshold_report
 from cifake_core.models import (
     TIMM_STEM_STRIDE,
@@ -83,10 +68,6 @@ ONNX_CHECK_IMAGES = 32
 # 1.9x the images/s at batch 32 as at 512 on one thread, 1.3x on two (bench/evaluation.py). GPUs keep 512.
 CPU_EVAL_BATCH_SIZE = 32
 GPU_EVAL_BATCH_SIZE = 512
-# Decoded splits live in memory (on the device when it is a GPU); leave the rest of RAM to the model and OS.
-MAX_SHARE_OF_MEMORY_FOR_IMAGES = 0.5
-# The data settings that shape the splits, each recorded in their summary.
-_SPLIT_SETTINGS = ("val_fraction", "max_train_per_class", "max_test_per_class", "seed")
 log = logging.getLogger(__name__)
 
 
@@ -97,28 +78,6 @@ class TrainingResult:
     promoted: bool
     promotion_reason: str
     metrics: dict[str, float]
-
-
-def resolve_dataset(data_dir: str) -> tuple[Path, str]:
-    """The dataset root and its display name; an empty data_dir means the embedded demo data."""
-    if not data_dir:
-        return ensure_demo_dataset(), f"{DEMO_VERSION} (synthetic demo data, not CIFAKE)"
-    root = find_dataset_root(data_dir)
-    return root, root.name
-
-
-def prepare(root: Path, name: str, data: DataConfig, num_workers: int) -> PreparedData:
-    log.info("scanning %s (%s)", root, name)
-    return prepare_splits(
-        root,
-        data.val_fraction,
-        data.max_train_per_class,
-        data.max_test_per_class,
-        data.seed,
-        num_workers,
-        dataset_name=name,
-        cache_folder=scan_cache_folder(),
-    )
 
 
 def _log_prepared(prepared: PreparedData, folder: Path, context: str) -> None:
@@ -174,65 +133,6 @@ def _png_base64(image: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def _check_memory(image_count: int, image_size: int) -> None:
-    """Refuse, before decoding, splits that would not fit in memory as uint8 tensors."""
-    needed = image_count * 3 * image_size * image_size
-    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    if needed > MAX_SHARE_OF_MEMORY_FOR_IMAGES * available:
-        raise DatasetError(
-            f"{image_count:,} images at image_size={image_size} need {needed / 2**30:.1f} GiB in memory, more than "
-            f"half of the {available / 2**30:.1f} GiB free: lower image_size or cap max_train_per_class"
-        )
-
-
-def launch_training(config: RunConfig, processes: int, arguments: Sequence[str]) -> int:
-    """`cifake ARGUMENTS` (a `train`) as `processes` processes of one torchrun group, after the checks `train` makes
-    of its data (the folder, every file, the splits, the memory), made here once: a mistake is then one message from
-    this process, not one from each process amid torchrun's report, and the processes read the splits made here
-    instead of each scanning the dataset again, one after another (about 4 s a scan of CIFAKE). Returns torchrun's
-    exit status."""
-    return distributed.run_processes(processes, arguments, _launch_folder_with_splits(config))
-
-
-def _launch_folder_with_splits(config: RunConfig) -> Path:
-    """A new temporary folder holding the splits of `config`'s data, checked first."""
-    root, name = resolve_dataset(config.data.data_dir)
-    prepared = prepare(root, name, config.data, config.train.num_workers)
-    _check_memory(len(prepared.manifest), config.model.image_size)
-    folder = Path(tempfile.mkdtemp(prefix="cifake-launch-"))
-    try:
-        write_split_files(prepared, folder)
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
-    return folder
-
-
-def _launch_folder() -> str | None:
-    """The launch folder of this process's group, if `launch_training` started it, else None. torchrun's wrapper
-    removes the folder when the group ends, so a work folder made in it goes too when its process is killed
-    outright (by the out-of-memory killer), where it was left in the system's temporary folder."""
-    folder = os.environ.get(LAUNCH_FOLDER_VARIABLE)
-    return folder if folder and distributed.launched_by_torchrun() and os.path.isdir(folder) else None
-
-
-def _launcher_splits(root: Path, data: DataConfig) -> PreparedData | None:
-    """The splits `launch_training` made for this process's group, if it made them, they read back whole and they
-    were made from `data` in `root`; else None."""
-    folder = _launch_folder()
-    if folder is None:
-        return None
-    splits = read_split_files(Path(folder))
-    made_for = {"root": str(root)} | {key: getattr(data, key) for key in _SPLIT_SETTINGS}
-    if fingerprint_manifest(splits.manifest) == splits.fingerprint and all(
-        splits.summary[key] == value for key, value in made_for.items()
-    ):
-        return splits
-    # The file names' round trip through a CSV is the fragile part (a carriage return broke it once); a scan holds.
-    log.warning("the launcher's splits in %s do not read back as made for this run: scanning the data", folder)
-    return None
-
-
 def eval_batch_size(device: torch.device) -> int:
     return CPU_EVAL_BATCH_SIZE if device.type == "cpu" else GPU_EVAL_BATCH_SIZE
 
@@ -257,7 +157,7 @@ def _train_epochs(
     """The epoch loop, in every process; keeps the best epoch at `stem_stride` by val AUC in `checkpoint` (written
     by rank 0) and returns its metrics, with `model` holding its weights in every process. Epochs are judged on
     one view of each image (`single_view`), whatever `flip_tta`: half the validation cost. The first
-    `coarse_epoch_count(...)` epochs train (and are validated) with a stride-2 stem. With `train.select_fraction` < 1,
+    `coarse_epoch_count(...)` epochs train with a stride-2 stem and are not validated. With `train.select_fraction` < 1,
     every epoch after the first trains on that share of the images, drawn by the losses they last trained with."""
     model = model.to(memory_format=training_memory_format(device, train.batch_size))
     parallel_model = distributed.wrap(model, device)
@@ -308,24 +208,28 @@ def _train_epochs(
         epoch_losses, trained = distributed.all_reduce_sum(torch.stack([epoch_losses.cpu(), trained]))
         last_losses = torch.where(trained > 0, epoch_losses, last_losses)
         distributed.sync_buffers(model)
-        # Both views made validation a tenth of the default CPU run (11.1 s an epoch, 6.3 s with one); the kept
-        # model is scored with both after training (`best_val_auc`), so its figures are the exported model's.
-        with single_view(model):
-            metrics |= evaluate(model, *splits["val"], eval_batch_size(device), device, prefix="val")
+        # Validation picks the kept epoch, and a coarse epoch is never kept (the model is exported, and was
+        # configured, at `stem_stride`): the default CPU run skips 12 validations of 4.5 s. Both views made
+        # validation a tenth of that run (11.1 s an epoch, 6.3 s with one); the kept model is scored with both after
+        # training (`best_val_auc`), so its figures are the exported model's.
+        if not coarse:
+            with single_view(model):
+                metrics |= evaluate(model, *splits["val"], eval_batch_size(device), device, prefix="val")
         tracking.log_metrics(metrics, step=epoch)
+        validation = (
+            f"  (stem stride {TIMM_STEM_STRIDE}: not validated)"
+            if coarse
+            else "  val_loss {val_loss:.4f}  val_auc {val_auc:.4f}  val_f1 {val_f1:.4f}".format(**metrics)
+        )
         log.info(
-            "epoch %d/%d%s  train_loss %.4f  val_loss %.4f  val_auc %.4f  val_f1 %.4f  %.0f img/s  %.0f s",
+            "epoch %d/%d  train_loss %.4f%s  %.0f img/s  %.0f s",
             epoch,
             train.epochs,
-            f" (stem stride {TIMM_STEM_STRIDE})" if coarse else "",
             metrics["train_loss"],
-            metrics["val_loss"],
-            metrics["val_auc"],
-            metrics["val_f1"],
+            validation,
             metrics["images_per_second"],
             metrics["epoch_seconds"],
         )
-        # A coarse epoch is never kept: the model is exported, and was configured, at `stem_stride`.
         if not coarse and metrics["val_auc"] > best["val_auc"]:
             best = {**metrics, "epoch": float(epoch)}
             best_weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
@@ -468,7 +372,7 @@ def train(config: RunConfig) -> TrainingResult | None:
     its shard of val and test with the best weights; rank 0 alone logs to MLflow, calibrates, exports,
     registers and promotes while the others wait at a barrier.
     Returns the result on rank 0 and None on the other ranks."""
-    with distributed.process_group(resolve_device(config.train.device)) as device:
+    with distributed.process_group(distributed.resolve_device(config.train.device)) as device:
         return _train(config, device)
 
 
@@ -484,7 +388,7 @@ def _train(config: RunConfig, device: torch.device) -> TrainingResult | None:
     torch.manual_seed(config.data.seed)
     with (
         tracking.tracked_run(config.publish.experiment_name, "train", {"cifake.stage": "train"}) as run_id,
-        tempfile.TemporaryDirectory(prefix="cifake-", dir=_launch_folder()) as work_dir,
+        tempfile.TemporaryDirectory(prefix="cifake-", dir=launch_folder()) as work_dir,
         distributed.peer_loss_named(),
     ):
         work = Path(work_dir)
@@ -495,9 +399,9 @@ def _train(config: RunConfig, device: torch.device) -> TrainingResult | None:
         # The launcher's splits; else (a torchrun started by hand) one process per node scans the files and the
         # others read its scan cache.
         with distributed.local_main_first():
-            prepared = _launcher_splits(root, config.data) or prepare(root, name, config.data, config.train.num_workers)
+            prepared = launcher_splits(root, config.data) or prepare(root, name, config.data, config.train.num_workers)
         _log_prepared(prepared, work, context="training")
-        _check_memory(len(prepared.manifest), config.model.image_size)
+        check_memory(len(prepared.manifest), config.model.image_size)
         started = time.perf_counter()
         with distributed.local_main_first():  # one process per node decodes and caches, the others map the cache
             arrays = {

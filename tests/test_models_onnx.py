@@ -13,7 +13,8 @@ import timm
 import torch
 
 from cifake_core import models
-from cifake_core.engine import evaluate, predict_logits, prob_ai, resolve_device
+from cifake_core.distributed import resolve_device
+from cifake_core.engine import evaluate, predict_logits, prob_ai
 from cifake_core.errors import DeviceError, PretrainedWeightsError
 from cifake_core.onnx_export import OnnxParityError, export_onnx
 from cifake_core.onnx_runtime import INPUT_NAME, OUTPUT_NAME, onnx_session

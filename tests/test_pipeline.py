@@ -28,7 +28,7 @@ from PIL import Image
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from cifake_core import pipeline, tracking
+from cifake_core import launch, pipeline, tracking
 from cifake_core.cli import _raise_keyboard_interrupt, main
 from cifake_core.config import BATCH_SIZE, DataConfig, TrainConfig, load_config
 from cifake_core.data import MANIFEST_FILE, write_split_files
@@ -256,16 +256,16 @@ def _train_epochs_on_noise(
     train: TrainConfig,
     stem_stride: int,
     flip_tta: bool = False,
-    judged_with_flip_tta: list[bool] | None = None,
+    judged: list[tuple[bool, tuple[int, int]]] | None = None,
 ):
-    """`pipeline._train_epochs` on 8 random images, the epochs scored `val_aucs` in turn: the model, the kept
-    epoch's metrics and the checkpoint's path. `judged_with_flip_tta` collects the model's `flip_tta` at each
+    """`pipeline._train_epochs` on 8 random images, the validated epochs scored `val_aucs` in turn: the model, the
+    kept epoch's metrics and the checkpoint's path. `judged` collects the model's `flip_tta` and stem stride at each
     evaluation."""
     scores = iter(val_aucs)
 
     def scored(model, *args, **kwargs):
-        if judged_with_flip_tta is not None:
-            judged_with_flip_tta.append(model.flip_tta)
+        if judged is not None:
+            judged.append((model.flip_tta, model.backbone.conv_stem.stride))
         return {"val_auc": next(scores), "val_loss": 0.5, "val_f1": 0.5}
 
     monkeypatch.setattr(pipeline, "evaluate", scored)
@@ -305,12 +305,12 @@ def test_the_epoch_loop_ends_holding_the_best_epochs_weights(tmp_path: Path, mon
 def test_epochs_are_judged_on_one_view_and_the_model_keeps_flip_tta(tmp_path: Path, monkeypatch):
     """Validation after each epoch scores the images without their mirror (half the cost); the model leaves the
     loop with flip_tta on, as it is scored after training and exported."""
-    judged: list[bool] = []
+    judged: list[tuple[bool, tuple[int, int]]] = []
     train = TrainConfig(epochs=2, fine_epochs=0, batch_size=4, device="cpu", num_workers=0)
     model, best, _ = _train_epochs_on_noise(
-        tmp_path, monkeypatch, [0.5, 0.9], train, stem_stride=2, flip_tta=True, judged_with_flip_tta=judged
+        tmp_path, monkeypatch, [0.5, 0.9], train, stem_stride=2, flip_tta=True, judged=judged
     )
-    assert judged == [False, False]
+    assert judged == [(False, (2, 2)), (False, (2, 2))]
     assert model.flip_tta and best["epoch"] == 2
 
 
@@ -322,9 +322,9 @@ def test_the_epochs_before_the_fine_ones_are_coarse(epochs, fine_epochs, stem_st
     assert pipeline.coarse_epoch_count(epochs, fine_epochs, stem_stride) == expected
 
 
-def test_coarse_epochs_train_at_stride_2_and_are_never_the_kept_epoch(tmp_path: Path, monkeypatch):
-    """fine_epochs=1 of 3: two epochs at a stride-2 stem, then one at stride 1. The stride-1 epoch is kept though
-    the coarse ones scored higher (the model is exported at stride 1), and the model ends at stride 1."""
+def test_coarse_epochs_train_at_stride_2_and_are_neither_validated_nor_kept(tmp_path: Path, monkeypatch):
+    """fine_epochs=1 of 3: two epochs at a stride-2 stem, then one at stride 1. Only the stride-1 epoch is validated
+    (a coarse one is never kept: the model is exported at stride 1) and kept, and the model ends at stride 1."""
     strides = []
 
     def recorded_epoch(model, *args, **kwargs):
@@ -334,8 +334,9 @@ def test_coarse_epochs_train_at_stride_2_and_are_never_the_kept_epoch(tmp_path: 
     real_epoch = pipeline.train_one_epoch
     monkeypatch.setattr(pipeline, "train_one_epoch", recorded_epoch)
     train = TrainConfig(epochs=3, fine_epochs=1, batch_size=4, device="cpu", num_workers=0)
-    model, best, checkpoint = _train_epochs_on_noise(tmp_path, monkeypatch, [0.99, 0.98, 0.5], train, stem_stride=1)
-    assert strides == [(2, 2), (2, 2), (1, 1)]
+    judged: list[tuple[bool, tuple[int, int]]] = []
+    model, best, checkpoint = _train_epochs_on_noise(tmp_path, monkeypatch, [0.5], train, stem_stride=1, judged=judged)
+    assert strides == [(2, 2), (2, 2), (1, 1)] and judged == [(False, (1, 1))]
     assert best["epoch"] == 3 and best["val_auc"] == 0.5
     assert model.backbone.conv_stem.stride == (1, 1)
     restored, metadata = load_checkpoint(checkpoint)
@@ -460,19 +461,19 @@ def test_training_processes_take_the_launchers_splits_only_as_made_for_their_run
     quoted, the CSV turned a carriage return in a file name into a line break): it scans then, and says so."""
     root = make_dataset(train=6, test=2)
     data = DataConfig(val_fraction=0.25, seed=3)
-    made = pipeline.prepare(root, root.name, data, num_workers=0)
-    launch = tmp_path / "launch"
-    write_split_files(made, launch)
-    monkeypatch.setenv(LAUNCH_FOLDER_VARIABLE, str(launch))
-    assert pipeline._launcher_splits(root, data) is None  # not a process of a torchrun group
+    made = launch.prepare(root, root.name, data, num_workers=0)
+    folder = tmp_path / "launch"
+    write_split_files(made, folder)
+    monkeypatch.setenv(LAUNCH_FOLDER_VARIABLE, str(folder))
+    assert launch.launcher_splits(root, data) is None  # not a process of a torchrun group
     monkeypatch.setenv("WORLD_SIZE", "2")
-    pd.testing.assert_frame_equal(pipeline._launcher_splits(root, data).manifest, made.manifest)
+    pd.testing.assert_frame_equal(launch.launcher_splits(root, data).manifest, made.manifest)
     assert "do not read back" not in caplog.text
-    assert pipeline._launcher_splits(root, dataclasses.replace(data, seed=4)) is None
-    assert pipeline._launcher_splits(make_dataset(name="other"), data) is None
-    manifest = launch / MANIFEST_FILE
+    assert launch.launcher_splits(root, dataclasses.replace(data, seed=4)) is None
+    assert launch.launcher_splits(make_dataset(name="other"), data) is None
+    manifest = folder / MANIFEST_FILE
     manifest.write_text("".join(manifest.read_text().splitlines(keepends=True)[:-1]))  # the last image lost
-    assert pipeline._launcher_splits(root, data) is None
+    assert launch.launcher_splits(root, data) is None
     assert caplog.text.count("do not read back as made for this run: scanning the data") == 3
 
 
